@@ -1,0 +1,177 @@
+"""Typed configuration: one root config composed of per-subsystem configs.
+
+YAML under `configs/` is read at the entry point only (`load_config`); every
+core receives its own config object and never reads the environment. Every
+field has a default and a one-line doc; cross-field checks name the values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.errors import ConfigError
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerConfig(_Config):
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8765, ge=0, le=65535, description="TCP port; 0 picks a free one.")
+    max_sessions: int = Field(64, ge=1, description="Sessions admitted at once on this instance.")
+    hello_timeout_s: float = Field(10.0, gt=0, description="Close a connection without hello.")
+    drain_timeout_s: float = Field(20.0, ge=0, description="SIGTERM: time for turns to finish.")
+    ping_interval_s: float | None = Field(
+        20.0, description="WebSocket keepalive ping interval; None disables."
+    )
+    ping_timeout_s: float | None = Field(
+        20.0, description="Close a client that does not answer a keepalive ping in time."
+    )
+
+
+class LimitsConfig(_Config):
+    max_message_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest client message; bigger closes with 1009."
+    )
+    max_turn_s: float = Field(120.0, gt=0, description="Longest turn of audio accepted.")
+    max_queued_turns: int = Field(8, ge=0, description="Turns queued behind the active one.")
+    resume_window_s: float = Field(60.0, ge=0, description="How long a lost session can resume.")
+
+
+class VideoConfig(_Config):
+    codec: Literal["h264", "jpeg"] = Field("h264", description="Default codec of server video.")
+    max_height: int = Field(512, ge=64, description="Default output height (capped by the avatar).")
+    keyframe_interval_s: float = Field(2.0, gt=0, le=2.0, description="Longest gap between keyframes.")
+    idle_keyframe_interval_frames: int = Field(
+        25, ge=1, description="Keyframe spacing of the shared idle video (join points)."
+    )
+    h264_crf: int = Field(23, ge=0, le=51, description="libx264 constant rate factor.")
+    h264_preset: str = Field("ultrafast", description="libx264 preset.")
+    jpeg_quality: int = Field(85, ge=1, le=100, description="JPEG quality.")
+    send_lead_s: float = Field(
+        0.12, ge=0, le=0.5, description="How far ahead of its pts a frame is sent."
+    )
+    send_buffer_frames: int = Field(
+        50, ge=4, description="Per-session send buffer; past it video frames are dropped."
+    )
+
+
+class TimelineConfig(_Config):
+    blend_out_ms: int = Field(320, ge=200, le=500, description="Converge to neutral at turn end.")
+    blend_in_ms: int = Field(200, ge=0, le=500, description="Leave neutral at turn start.")
+    interrupt_blend_ms: int = Field(240, ge=40, le=500, description="Converge on interrupt.")
+
+
+class DefaultAvatarConfig(_Config):
+    size: int = Field(512, ge=64, description="Width and height of the generated default avatar.")
+    clip_seconds: tuple[float, ...] = Field(
+        (4.0, 8.0, 16.0, 32.0), description="Lengths of the generated source clips."
+    )
+    seed: int = Field(7, description="Seed of the generated motion.")
+
+
+class AvatarConfig(_Config):
+    cache_dir: Path = Field(
+        Path("~/.cache/avatar-agent/avatars"), description="Where prepared avatars live."
+    )
+    default: str = Field("default", description="Avatar used when hello names none.")
+    default_avatar: DefaultAvatarConfig = Field(default_factory=DefaultAvatarConfig)  # type: ignore[arg-type]
+    fps: int = Field(25, description="Frame rate of avatars and of the video we send.")
+
+
+class CpuRendererConfig(_Config):
+    chunk_frames: int = Field(
+        8, ge=1, le=16, description="Frames per chunk; smaller starts speech sooner."
+    )
+    workers: int = Field(2, ge=1, description="Threads rendering chunks in parallel.")
+
+
+class LatentSyncConfig(_Config):
+    checkpoint_dir: Path = Field(Path("checkpoints"), description="Folder with the weights.")
+    resolution: Literal[256, 512] = Field(256, description="Face crop size (v1.5: 256, v1.6: 512).")
+    inference_steps: int = Field(20, ge=1, description="DDIM steps per chunk.")
+    guidance_scale: float = Field(1.5, ge=1.0, description="Classifier-free guidance scale.")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Compute dtype.")
+    max_batch: int = Field(4, ge=1, description="Chunks batched into one UNet call.")
+    seed: int = Field(1247, description="Seed of the initial latents.")
+
+
+class RendererConfig(_Config):
+    name: Literal["auto", "cpu", "latentsync"] = Field(
+        "auto", description="auto: latentsync when its checkpoints and CUDA exist, else cpu."
+    )
+    cpu: CpuRendererConfig = Field(default_factory=CpuRendererConfig)  # type: ignore[arg-type]
+    latentsync: LatentSyncConfig = Field(default_factory=LatentSyncConfig)  # type: ignore[arg-type]
+
+
+class EngineConfig(_Config):
+    max_queue: int = Field(256, ge=1, description="Chunks waiting for a renderer at most.")
+    render_timeout_s: float = Field(5.0, gt=0, description="A chunk not back in time fails.")
+
+
+class LoggingConfig(_Config):
+    format: Literal["json", "console"] = Field("json", description="Log line format.")
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+
+class AgentConfig(_Config):
+    """The root config."""
+
+    server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)  # type: ignore[arg-type]
+    video: VideoConfig = Field(default_factory=VideoConfig)  # type: ignore[arg-type]
+    timeline: TimelineConfig = Field(default_factory=TimelineConfig)  # type: ignore[arg-type]
+    avatars: AvatarConfig = Field(default_factory=AvatarConfig)  # type: ignore[arg-type]
+    renderer: RendererConfig = Field(default_factory=RendererConfig)  # type: ignore[arg-type]
+    engine: EngineConfig = Field(default_factory=EngineConfig)  # type: ignore[arg-type]
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentConfig:
+        if 16_000 % self.avatars.fps:
+            raise ValueError(f"avatars.fps={self.avatars.fps} must divide 16000 (audio samples)")
+        if self.video.send_buffer_frames * 2 < self.avatars.fps * self.video.send_lead_s:
+            raise ValueError(
+                f"video.send_buffer_frames={self.video.send_buffer_frames} cannot hold "
+                f"video.send_lead_s={self.video.send_lead_s} of frames"
+            )
+        return self
+
+    def with_overrides(self, overrides: dict[str, Any]) -> AgentConfig:
+        """A copy with dotted-path overrides applied (e.g. {"server.port": 0})."""
+        data = self.model_dump()
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for name in parents:
+                node = node[name]
+            node[leaf] = value
+        return parse_config(data, source="overrides")
+
+
+def parse_config(data: dict[str, Any], source: str) -> AgentConfig:
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"invalid config in {source}:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: Path | None) -> AgentConfig:
+    """Read a YAML config; None gives the defaults."""
+    if path is None:
+        return AgentConfig()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    return parse_config(raw, source=str(path))

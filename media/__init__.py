@@ -1,0 +1,1 @@
+"""Media: audio and video I/O, encoding, avatars, face geometry and renderers."""

@@ -1,0 +1,137 @@
+"""The typed boundaries between timeline, renderer and encoder.
+
+Data flows one way: the session timeline emits a `FrameSpec` per output frame,
+the session groups them into a `RenderChunk` with the audio for those frames,
+a `Renderer` turns a batch of chunks into `RenderResult`s, and the encoder turns
+frames into packets. Each dataclass is frozen and owned by its producer.
+
+Media time is an integer count with an explicit rate: frames at the avatar's
+fps, audio samples at `RENDER_SAMPLE_RATE`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+# Renderers always receive 16 kHz mono float32 audio (Whisper's rate).
+RENDER_SAMPLE_RATE = 16_000
+
+Frame = npt.NDArray[np.uint8]  # (H, W, 3) RGB
+Frames = npt.NDArray[np.uint8]  # (F, H, W, 3) RGB
+Audio = npt.NDArray[np.float32]  # (N,) mono in [-1, 1]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    """One frame of an avatar's source material: clip index and frame index."""
+
+    clip: int
+    frame: int
+
+
+@dataclass(frozen=True, slots=True)
+class FrameSpec:
+    """What one output frame shows.
+
+    `source` is the source frame; when `blend_to` is set the picture is
+    `(1 - blend_weight) * source + blend_weight * blend_to` (the renderer picks
+    the space: pixels for the CPU renderer, latents for diffusion). `speech`
+    says whether the frame belongs to spoken audio (mouth driven by audio) or
+    is a neutral/idle frame (mouth closed).
+    """
+
+    source: SourceRef
+    blend_to: SourceRef | None = None
+    blend_weight: float = 0.0
+    speech: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.blend_weight <= 1.0:
+            raise ValueError(f"blend_weight must be in [0, 1], got {self.blend_weight}")
+        if self.blend_to is None and self.blend_weight != 0.0:
+            raise ValueError("blend_weight set without blend_to")
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkKey:
+    """Identifies one chunk of one turn of one session."""
+
+    session: str
+    turn: str
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class RenderChunk:
+    """Up to `chunk_frames` consecutive output frames of one turn.
+
+    `audio` is the turn's 16 kHz audio from the turn's first sample to as far
+    as it has arrived (at least to the end of this chunk plus the renderer's
+    look-ahead, or to the end of the turn). Frame `k` of the turn covers
+    samples `[k * spf, (k + 1) * spf)` with `spf = RENDER_SAMPLE_RATE / fps`;
+    `frames[i]` is frame `first_frame + i` of the turn. Samples past the end of
+    `audio` are silence.
+    """
+
+    key: ChunkKey
+    avatar: str
+    frames: tuple[FrameSpec, ...]
+    first_frame: int
+    audio: Audio
+    fps: int
+    trace: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.frames:
+            raise ValueError("a chunk needs at least one frame")
+        if self.first_frame < 0:
+            raise ValueError(f"first_frame must be >= 0, got {self.first_frame}")
+
+
+@dataclass(frozen=True, slots=True)
+class RenderResult:
+    """The rendered pictures of one chunk, at the avatar's resolution."""
+
+    key: ChunkKey
+    frames: Frames  # (F, H, W, 3) uint8 RGB, F == len(chunk.frames)
+    stages: dict[str, float] = field(default_factory=dict)  # stage name -> seconds
+
+
+@dataclass(frozen=True, slots=True)
+class RendererCapabilities:
+    """What a renderer can do; the engine sizes chunks and batches from it."""
+
+    name: str
+    chunk_frames: int  # frames per chunk (16 for LatentSync)
+    max_batch: int  # chunks per render() call
+    audio_lookahead_ms: int  # audio needed past a chunk's end before it can start
+    device: str  # "cpu", "cuda:0", ...
+
+
+class Renderer(Protocol):
+    """One narrow interface for every renderer; all members are synchronous.
+
+    `render` runs in a worker thread, never on the event loop. It must return
+    one result per chunk, in order, or raise `agent.errors.RenderError`.
+    """
+
+    @property
+    def capabilities(self) -> RendererCapabilities: ...
+
+    def warmup(self) -> None: ...
+
+    def render(self, batch: Sequence[RenderChunk]) -> list[RenderResult]: ...
+
+    def close(self) -> None: ...
+
+
+def samples_per_frame(fps: int, rate: int = RENDER_SAMPLE_RATE) -> int:
+    """Audio samples covering one video frame; the rate must divide evenly."""
+    if rate % fps:
+        raise ValueError(f"{rate} Hz audio does not divide into {fps} fps frames")
+    return rate // fps

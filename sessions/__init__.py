@@ -1,0 +1,1 @@
+"""Per-conversation state: the session core, its timeline and the session store."""
