@@ -1,0 +1,111 @@
+"""Command line: `python -m agent VERB ...`. Bad input prints what to do and exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from agent.errors import AgentError, ConfigError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from agent.config import load_config
+    from agent.server import run_server
+
+    config = load_config(args.config)
+    overrides: dict[str, object] = {}
+    if args.host is not None:
+        overrides["server.host"] = args.host
+    if args.port is not None:
+        overrides["server.port"] = args.port
+    if args.max_sessions is not None:
+        overrides["server.max_sessions"] = args.max_sessions
+    if args.renderer is not None:
+        overrides["renderer.name"] = args.renderer
+    if args.avatar_dir is not None:
+        overrides["avatars.cache_dir"] = str(args.avatar_dir)
+    if args.log_format is not None:
+        overrides["logging.format"] = args.log_format
+    config = config.with_overrides(overrides)
+    run_server(config)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    from agent.client import run_client
+
+    return run_client(args.url, args.wav, args.out, codec=args.codec, token=args.token,
+                      avatar=args.avatar, text=args.text)
+
+
+def _verify_unet(args: argparse.Namespace) -> int:
+    from media.latentsync.verify import verify_unet
+
+    err = verify_unet(args.config, args.weights, args.io)
+    print(f"relative_error={err:.3e}")
+    return 0
+
+
+def _verify_audio(args: argparse.Namespace) -> int:
+    from media.latentsync.verify_audio import verify_audio
+
+    err = verify_audio(args.checkpoint, args.io)
+    print(f"relative_error={err:.3e}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m agent",
+        description="Real-time conversational talking-avatar server.",
+    )
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    s = verbs.add_parser("serve", help="run the session server")
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8765; 0 picks a free one)")
+    s.add_argument("--config", type=Path, help="YAML config file (see configs/)")
+    s.add_argument("--max-sessions", type=int, help="sessions admitted at once")
+    s.add_argument("--renderer", choices=["auto", "cpu", "latentsync"],
+                   help="auto: latentsync with checkpoints and CUDA, else cpu")
+    s.add_argument("--avatar-dir", type=Path, help="avatar cache folder")
+    s.add_argument("--log-format", choices=["json", "console"], help="log line format")
+    s.set_defaults(func=_serve)
+
+    c = verbs.add_parser("client", help="speak a WAV file as one turn and save the answer")
+    c.add_argument("--url", default="ws://127.0.0.1:8765/v1/session", help="server URL")
+    c.add_argument("--wav", type=Path, required=True, help="16-bit PCM WAV to speak")
+    c.add_argument("--out", type=Path, help="write the received video and audio to this MP4")
+    c.add_argument("--codec", choices=["h264", "jpeg"], default="h264")
+    c.add_argument("--avatar", default=None, help="avatar id (default: the server's)")
+    c.add_argument("--token", default=None, help="API token or session ticket")
+    c.add_argument("--text", default=None, help="transcript sent with speak.start")
+    c.set_defaults(func=_client)
+
+    u = verbs.add_parser("verify-unet", help="check our UNet against reference outputs")
+    u.add_argument("--config", type=Path, required=True, help="UNet config JSON")
+    u.add_argument("--weights", type=Path, required=True, help=".safetensors or .pt weights")
+    u.add_argument("--io", type=Path, required=True, help="safetensors with inputs/expected")
+    u.set_defaults(func=_verify_unet)
+
+    a = verbs.add_parser("verify-audio", help="check our audio features against reference")
+    a.add_argument("--checkpoint", type=Path, required=True, help="Whisper tiny.pt format")
+    a.add_argument("--io", type=Path, required=True, help="safetensors with pcm and features")
+    a.set_defaults(func=_verify_audio)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (AgentError, FileNotFoundError) as exc:
+        kind = "config" if isinstance(exc, ConfigError) else "error"
+        print(f"{parser.prog} {args.verb}: {kind}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

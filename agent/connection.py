@@ -1,0 +1,566 @@
+"""The per-connection shell: socket I/O around a `SessionCore`.
+
+Three tasks per session, owned by one TaskGroup: the reader feeds client
+messages to the core (control is handled as it arrives, overtaking queued
+media), the playout task asks the core what each frame slot shows at the
+session's frame rate and queues encoded media, and the sender drains the send
+buffer into the socket. Rendering happens in the engine's worker threads;
+encoding in a thread pool. No policy lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, assert_never
+
+import structlog
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from agent.errors import (
+    AgentError,
+    BadRequest,
+    CloseCode,
+    OverloadedError,
+    ProtocolError,
+    RenderError,
+    ResumeFailed,
+    Unsupported,
+)
+from agent.protocol import (
+    SUPPORTED_AUDIO_RATES,
+    AudioInfo,
+    Bye,
+    ByeReply,
+    Error,
+    FrameFlags,
+    Hello,
+    Interrupt,
+    ListenEnd,
+    ListenStart,
+    MediaKind,
+    Ping,
+    Pong,
+    Ready,
+    ServerMessage,
+    SpeakEnd,
+    SpeakStart,
+    TurnDone,
+    TurnStarted,
+    VideoInfo,
+    dump,
+    parse_client_message,
+    unpack_media,
+)
+from agent.scheduler import Priority
+from agent.sendbuffer import OutMedia, OutMessage, SendBuffer
+from media.audio import float_to_pcm16, pcm16_to_float
+from media.encode import EncodedFrame, VideoEncoder, fit_size, make_encoder, resize_frame
+from media.types import Frame, RenderChunk, RenderResult
+from sessions.session import HoldSlot, IdleSlot, MediaSlot, SessionCore, SessionParams
+from sessions.store import StoredSession
+from sessions.timeline import Timeline
+
+if TYPE_CHECKING:
+    from agent.server import AgentServer
+
+log = structlog.get_logger(__name__)
+
+
+def error_reply(exc: BaseException) -> tuple[Error, CloseCode | None]:
+    """The one table from error type to wire error and close code (None: go on)."""
+    if isinstance(exc, ProtocolError):
+        close = exc.close_code if exc.fatal else None
+        return Error(code=exc.code, message=exc.message, fatal=exc.fatal), close  # type: ignore[arg-type]
+    if isinstance(exc, OverloadedError):
+        return (
+            Error(code="overloaded", message=exc.message, fatal=True,
+                  retry_after_ms=exc.retry_after_ms),
+            CloseCode.OVERLOADED,
+        )
+    return Error(code="internal", message="internal error", fatal=True), CloseCode.INTERNAL
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFormat:
+    codec: str
+    width: int
+    height: int
+    fps: int
+    rate: int
+
+
+class SessionConnection:
+    def __init__(self, server: AgentServer, ws: ServerConnection) -> None:
+        self.server = server
+        self.ws = ws
+        self.cfg = server.config
+        self.session_id = ""
+        self.resume_token = ""
+        self.principal = "anonymous"
+        self.tier = 1
+        self.core: SessionCore | None = None
+        self.fmt: OutputFormat | None = None
+        self.sendbuf = SendBuffer(self.cfg.video.send_buffer_frames)
+        self._send_ready = asyncio.Event()
+        self._encoder: VideoEncoder | None = None
+        self._idle: tuple[EncodedFrame, ...] = ()
+        self._silence = b""
+        self._slot = 0
+        self._t0 = 0.0  # loop time of slot 0
+        self._started_wall = 0.0
+        self._bye = False
+        self._closing = False
+        self._renders: set[asyncio.Future[RenderResult]] = set()
+        self._turn_first_audio: dict[str, float] = {}
+        self._last_video_sent: float | None = None
+
+    # --- lifecycle --------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            hello = await self._await_hello()
+            await self._open(hello)
+        except (AgentError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                exc = BadRequest("no hello within the time limit", fatal=True)
+            await self._fail(exc)
+            return
+        except ConnectionClosed:
+            return
+        structlog.contextvars.bind_contextvars(session_id=self.session_id)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._reader(), name="reader")
+                tg.create_task(self._playout(), name="playout")
+                tg.create_task(self._sender(), name="sender")
+        except* ConnectionClosed:
+            pass
+        except* _SessionEnd:
+            pass
+        except* Exception as group:
+            for exc in group.exceptions:
+                log.error("session_failed", error=repr(exc), exc_info=exc)
+                self.server.metrics.errors.labels("internal").inc()
+            with contextlib.suppress(ConnectionClosed):
+                await self._fail(RuntimeError("internal"))
+        finally:
+            await self._teardown()
+
+    async def _await_hello(self) -> Hello:
+        first = await asyncio.wait_for(self.ws.recv(), self.cfg.server.hello_timeout_s)
+        if isinstance(first, bytes):
+            raise BadRequest("the first message must be hello", fatal=True)
+        msg = parse_client_message(first) if first.lstrip().startswith("{") else None
+        if not isinstance(msg, Hello):
+            raise BadRequest("the first message must be hello", fatal=True)
+        return msg
+
+    async def _open(self, hello: Hello) -> None:
+        srv = self.server
+        started = time.perf_counter()
+        if hello.v != 1:
+            raise Unsupported(f"protocol version {hello.v} is not supported (this server: 1)",
+                              fatal=True)
+        self.principal = srv.authenticate(hello.token, self.ws)
+        srv.admit(self)  # raises OverloadedError
+        avatar = srv.avatars.get(hello.avatar or self.cfg.avatars.default)
+        self.fmt = self._negotiate(hello, avatar.fps, avatar.width, avatar.height)
+        trace = hello.trace_id or secrets.token_hex(8)
+        stored: StoredSession | None = None
+        resume_failed: str | None = None
+        if hello.resume is not None:
+            stored = await srv.store.load(hello.resume.session)
+            if stored is None:
+                resume_failed = "no such session to resume (expired or unknown)"
+            elif not secrets.compare_digest(stored.resume_token, hello.resume.token):
+                resume_failed, stored = "resume token does not match", None
+            elif stored.principal != self.principal or stored.avatar != avatar.id:
+                resume_failed, stored = "session belongs to another principal or avatar", None
+        if stored is not None:
+            self.session_id = stored.session_id
+            await srv.store.delete(stored.session_id)
+        else:
+            self.session_id = secrets.token_urlsafe(12)
+        structlog.contextvars.bind_contextvars(session_id=self.session_id, trace_id=trace)
+        srv.register(self)
+        caps = srv.renderer.capabilities
+        params = SessionParams(
+            session_id=self.session_id,
+            fps=avatar.fps,
+            out_rate=self.fmt.rate,
+            chunk_frames=caps.chunk_frames,
+            lookahead_ms=caps.audio_lookahead_ms,
+            max_turn_s=self.cfg.limits.max_turn_s,
+            max_queued_turns=self.cfg.limits.max_queued_turns,
+        )
+        seed = int.from_bytes(self.session_id.encode()[:8].ljust(8, b"\0"), "little")
+        args = (avatar.clips, avatar.neutral, avatar.idle_loop, self.cfg.timeline, avatar.fps)
+        if stored is not None:
+            timeline = Timeline.from_state(*args, state=stored.state["timeline"])
+        else:
+            timeline = Timeline(*args, seed=seed)
+        self.core = SessionCore(avatar, timeline, params)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if stored is not None:
+            self.core.restore(stored.state)
+            self._started_wall = float(stored.state["started_wall"])
+            self.sendbuf.set_next_seq(int(stored.state["video_seq"]), int(stored.state["audio_seq"]))
+            self.tier = int(stored.state.get("tier", 1))
+        else:
+            self._started_wall = time.time()
+        self._t0 = now - (time.time() - self._started_wall)
+        self._slot = math.ceil((now - self._t0) * self.fmt.fps)
+        self._idle = await srv.idle_video(avatar, self.fmt.codec, self.fmt.width, self.fmt.height)
+        self._silence = bytes(2 * (self.fmt.rate // self.fmt.fps))
+        self.resume_token = secrets.token_urlsafe(24)
+        if resume_failed is not None:
+            await self._send_now(Error(code="resume_failed", message=resume_failed))
+        await self._send_now(
+            Ready(
+                session=self.session_id,
+                resume_token=self.resume_token,
+                video=VideoInfo(codec=self.fmt.codec, fps=self.fmt.fps,  # type: ignore[arg-type]
+                                width=self.fmt.width, height=self.fmt.height),
+                audio=AudioInfo(rate=self.fmt.rate),
+                tier=self.tier,
+                resumed=stored is not None,
+            )
+        )
+        srv.metrics.stage_duration.labels("admission").observe(time.perf_counter() - started)
+        if stored is not None:
+            srv.metrics.resume_duration.observe(time.perf_counter() - started)
+        log.info("session_opened", avatar=avatar.id, codec=self.fmt.codec,
+                 width=self.fmt.width, height=self.fmt.height, rate=self.fmt.rate,
+                 resumed=stored is not None, principal=self.principal)
+
+    def _negotiate(self, hello: Hello, fps: int, width: int, height: int) -> OutputFormat:
+        v = self.cfg.video
+        codec = (hello.video.codec if hello.video else None) or v.codec
+        want_fps = hello.video.fps if hello.video else None
+        if want_fps is not None and want_fps != fps:
+            raise Unsupported(f"video.fps {want_fps} is not available; this avatar is {fps} fps",
+                              fatal=True)
+        max_h = (hello.video.max_height if hello.video else None) or v.max_height
+        w, h = fit_size(width, height, min(max_h, height))
+        rate = hello.audio.rate if hello.audio else 16000
+        if rate not in SUPPORTED_AUDIO_RATES:
+            raise Unsupported(
+                f"audio.rate {rate} is not supported; use one of "
+                f"{', '.join(map(str, SUPPORTED_AUDIO_RATES))}",
+                fatal=True,
+            )
+        return OutputFormat(codec=codec, width=w, height=h, fps=fps, rate=rate)
+
+    async def _teardown(self) -> None:
+        self._closing = True
+        srv = self.server
+        if self.core is not None:
+            srv.engine.cancel(self.session_id)
+            if not self._bye:
+                with contextlib.suppress(Exception):
+                    await srv.store.save(self._stored(), self.cfg.limits.resume_window_s)
+        for fut in self._renders:
+            fut.cancel()
+        if self._encoder is not None:
+            self._encoder.close()
+        srv.unregister(self)
+        log.info("session_closed", bye=self._bye)
+        structlog.contextvars.clear_contextvars()
+
+    def _stored(self) -> StoredSession:
+        assert self.core is not None
+        state = self.core.snapshot()
+        seq = self.sendbuf.next_seq
+        state.update(
+            started_wall=self._started_wall,
+            video_seq=seq[MediaKind.VIDEO],
+            audio_seq=seq[MediaKind.AUDIO],
+            tier=self.tier,
+        )
+        return StoredSession(self.session_id, self.resume_token, self.principal,
+                             self.core.avatar.id, state)
+
+    async def close(self, code: CloseCode, reason: str) -> None:
+        """Close from outside (drain)."""
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.close(code, reason)
+
+    async def _fail(self, exc: BaseException) -> None:
+        reply, close = error_reply(exc)
+        if isinstance(exc, ProtocolError):
+            self.server.metrics.errors.labels("auth" if exc.code == "unauthorized"
+                                              else "protocol").inc()
+        with contextlib.suppress(ConnectionClosed):
+            await self._send_now(reply)
+            await self.ws.close(close or CloseCode.POLICY, reply.message[:120])
+
+    async def _send_now(self, msg: ServerMessage) -> None:
+        await self.ws.send(dump(msg))
+
+    # --- reader -----------------------------------------------------------
+
+    async def _reader(self) -> None:
+        async for data in self.ws:
+            try:
+                if isinstance(data, bytes):
+                    self._on_binary(data)
+                else:
+                    await self._on_text(data)
+            except ProtocolError as exc:
+                reply, close = error_reply(exc)
+                self.server.metrics.errors.labels("protocol").inc()
+                log.info("protocol_error", code=exc.code, message=exc.message, fatal=exc.fatal)
+                await self._send_now(reply)
+                if close is not None:
+                    await self.ws.close(close, exc.message[:120])
+                    raise _SessionEnd() from None
+            if self._bye:
+                raise _SessionEnd()
+        raise _SessionEnd()
+
+    def _on_binary(self, data: bytes) -> None:
+        assert self.core is not None
+        header, payload = unpack_media(data)
+        if header.kind != MediaKind.AUDIO:
+            raise BadRequest("clients send audio frames only (kind 2)")
+        samples = pcm16_to_float(payload)
+        turn = self.core._open.id if self.core._open is not None else None
+        self.core.on_audio(samples)
+        if turn is not None and turn not in self._turn_first_audio:
+            self._turn_first_audio[turn] = asyncio.get_running_loop().time()
+        self._submit_chunks()
+
+    async def _on_text(self, text: str) -> None:
+        core = self.core
+        assert core is not None
+        msg = parse_client_message(text)
+        match msg:
+            case Hello():
+                raise BadRequest("hello was already received")
+            case SpeakStart():
+                structlog.contextvars.bind_contextvars(turn_id=msg.turn)
+                core.on_speak_start(msg.turn, msg.text, msg.duration_ms, msg.style)
+                log.info("turn_queued", turn_id=msg.turn, duration_ms=msg.duration_ms,
+                         style=msg.style)
+            case SpeakEnd():
+                core.on_speak_end(msg.turn)
+                self._submit_chunks()
+            case Interrupt():
+                await self._interrupt()
+            case ListenStart():
+                core.on_listen(True)
+            case ListenEnd():
+                core.on_listen(False)
+            case Ping():
+                await self._send_now(Pong(id=msg.id))
+            case Bye():
+                await self._finish_bye()
+            case _:
+                assert_never(msg)
+
+    async def _interrupt(self) -> None:
+        assert self.core is not None
+        self.server.metrics.barge_ins.inc()
+        dropped, flushed = self.sendbuf.flush_turn()
+        self._slot -= dropped
+        self.server.engine.cancel(self.session_id)
+        for fut in self._renders:
+            fut.cancel()
+        done = self.core.on_interrupt(unsent_frames=dropped)
+        pts = self._pts(self._slot)
+        for msg in flushed:
+            if isinstance(msg, TurnStarted):
+                self.sendbuf.push(OutMessage(msg))
+        for d in done:
+            assert d is not None
+            self.sendbuf.push(OutMessage(d.model_copy(update={"pts_us": pts})))
+            self.server.metrics.turns.labels("interrupted").inc()
+        self._send_ready.set()
+        log.info("interrupted", turns=len(done), flushed_frames=dropped)
+        self._submit_chunks()
+
+    async def _finish_bye(self) -> None:
+        """Finish: let queued turns play out (bounded), then answer bye."""
+        assert self.core is not None
+        deadline = asyncio.get_running_loop().time() + self.cfg.server.drain_timeout_s
+        while not self.core.idle and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(1 / (self.fmt.fps if self.fmt else 25))
+        while len(self.sendbuf) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        self._bye = True
+        await self.server.store.delete(self.session_id)
+        await self._send_now(ByeReply())
+        await self.ws.close(CloseCode.NORMAL, "bye")
+
+    # --- rendering --------------------------------------------------------
+
+    def _submit_chunks(self) -> None:
+        core = self.core
+        assert core is not None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for chunk in core.poll_chunks():
+            playing = core.active_turn == chunk.key.turn or (
+                core._playing is not None and core._playing.id == chunk.key.turn
+            )
+            if playing:
+                prio = Priority.IN_TURN
+                ahead = chunk.first_frame - (core._playing.played if core._playing else 0)
+            elif chunk.first_frame == 0:
+                prio, ahead = Priority.TURN_START, 0
+            else:
+                prio, ahead = Priority.SPECULATIVE, chunk.first_frame
+            deadline = now + max(ahead, 0) / core.params.fps
+            fut = self.server.engine.submit(chunk, deadline, prio)
+            self._renders.add(fut)
+            fut.add_done_callback(lambda f, c=chunk: self._on_render_done(c, f))
+
+    def _on_render_done(self, chunk: RenderChunk, fut: asyncio.Future[RenderResult]) -> None:
+        self._renders.discard(fut)
+        if fut.cancelled() or self.core is None or self._closing:
+            return
+        exc = fut.exception()
+        if exc is None:
+            self.core.on_rendered(chunk.key, fut.result().frames)
+            return
+        kind = exc.kind if isinstance(exc, RenderError) else "internal"
+        self.server.metrics.errors.labels(kind).inc()
+        log.warning("chunk_failed", turn_id=chunk.key.turn, chunk=chunk.key.index, error=str(exc))
+        # Never freeze: show the source pictures for this chunk instead.
+        self.core.on_rendered(chunk.key, self.core.source_frames(chunk))
+        self.server.metrics.chunks.labels("fallback").inc()
+
+    # --- playout ----------------------------------------------------------
+
+    def _pts(self, slot: int) -> int:
+        assert self.fmt is not None
+        return slot * 1_000_000 // self.fmt.fps
+
+    async def _playout(self) -> None:
+        assert self.fmt is not None
+        loop = asyncio.get_running_loop()
+        lead = self.cfg.video.send_lead_s
+        while True:
+            due = self._t0 + self._slot / self.fmt.fps - lead
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self._produce_slot()
+            self._slot += 1
+            self._submit_chunks()
+
+    async def _produce_slot(self) -> None:
+        core, fmt = self.core, self.fmt
+        assert core is not None and fmt is not None
+        slot, started, done = core.next_slot()
+        pts = self._pts(self._slot)
+        buf = self.sendbuf
+        if started is not None:
+            buf.push(OutMessage(started.model_copy(update={"pts_us": pts})))
+            first_audio = self._turn_first_audio.pop(started.turn, None)
+            if first_audio is not None:
+                # The frame goes out `lead` before its pts; count from then.
+                sent_at = max(asyncio.get_running_loop().time(), self._t0 + pts / 1e6
+                              - self.cfg.video.send_lead_s)
+                self.server.metrics.time_to_first_frame.observe(sent_at - first_audio)
+            log.info("turn_started", turn_id=started.turn, pts_us=pts)
+        tier = self.tier
+        match slot:
+            case IdleSlot(index=i):
+                enc = self._idle[i]
+                if not (buf.needs_keyframe and not enc.keyframe):
+                    flags = FrameFlags.KEYFRAME if enc.keyframe else FrameFlags.NONE
+                    buf.push(OutMedia(MediaKind.VIDEO, flags, tier, pts, enc.data))
+                buf.push(OutMedia(MediaKind.AUDIO, FrameFlags.NONE, tier, pts, self._silence))
+            case MediaSlot():
+                enc = await self._encode(slot.frame, force=slot.first_of_turn or buf.needs_keyframe)
+                flags = FrameFlags.NONE
+                if slot.speech:
+                    flags |= FrameFlags.SPEECH
+                if slot.last_of_turn and slot.client_turn:
+                    flags |= FrameFlags.LAST_OF_TURN
+                vflags = flags | (FrameFlags.KEYFRAME if enc.keyframe else FrameFlags.NONE)
+                buf.push(OutMedia(MediaKind.VIDEO, vflags, tier, pts, enc.data, slot.turn))
+                buf.push(OutMedia(MediaKind.AUDIO, flags, tier, pts,
+                                  float_to_pcm16(slot.audio), slot.turn))
+            case HoldSlot():
+                enc = await self._encode(slot.frame, force=buf.needs_keyframe)
+                flags = FrameFlags.KEYFRAME if enc.keyframe else FrameFlags.NONE
+                buf.push(OutMedia(MediaKind.VIDEO, flags, tier, pts, enc.data, "~hold"))
+                buf.push(OutMedia(MediaKind.AUDIO, FrameFlags.NONE, tier, pts, self._silence,
+                                  "~hold"))
+            case _:
+                assert_never(slot)
+        if done is not None:
+            end = pts + 1_000_000 // fmt.fps
+            self.resume_token = secrets.token_urlsafe(24)
+            buf.push(OutMessage(done.model_copy(update={"pts_us": end,
+                                                        "resume_token": self.resume_token})))
+            self.server.metrics.turns.labels("completed").inc()
+            self.server.metrics.turn_duration.observe(done.frames / fmt.fps)
+            log.info("turn_done", turn_id=done.turn, frames=done.frames)
+            await self.server.store.save(self._stored_light(), self.cfg.limits.resume_window_s)
+        self._send_ready.set()
+
+    def _stored_light(self) -> StoredSession:
+        """Snapshot between turns without touching the timeline's turn state."""
+        assert self.core is not None
+        seq = self.sendbuf.next_seq
+        state: dict[str, Any] = {
+            "timeline": self.core.timeline.state(),
+            "idle_index": 0,
+            "started_wall": self._started_wall,
+            "video_seq": seq[MediaKind.VIDEO],
+            "audio_seq": seq[MediaKind.AUDIO],
+            "tier": self.tier,
+        }
+        return StoredSession(self.session_id, self.resume_token, self.principal,
+                             self.core.avatar.id, state)
+
+    async def _encode(self, frame: Frame, *, force: bool) -> EncodedFrame:
+        fmt = self.fmt
+        assert fmt is not None
+        if self._encoder is None:
+            self._encoder = make_encoder(fmt.codec, fmt.width, fmt.height, fmt.fps, self.cfg.video)
+        encoder = self._encoder
+        started = time.perf_counter()
+
+        def work() -> EncodedFrame:
+            pic = frame
+            if pic.shape[1] != fmt.width or pic.shape[0] != fmt.height:
+                pic = resize_frame(pic, fmt.width, fmt.height)
+            return encoder.encode(pic, force_keyframe=force)
+
+        enc = await asyncio.get_running_loop().run_in_executor(self.server.encode_pool, work)
+        self.server.metrics.stage_duration.labels("encode").observe(time.perf_counter() - started)
+        return enc
+
+    # --- sender -----------------------------------------------------------
+
+    async def _sender(self) -> None:
+        loop = asyncio.get_running_loop()
+        m = self.server.metrics
+        while True:
+            await self._send_ready.wait()
+            self._send_ready.clear()
+            while (item := self.sendbuf.pop()) is not None:
+                started = time.perf_counter()
+                await self.ws.send(item)
+                if isinstance(item, bytes) and item[0] == MediaKind.VIDEO:
+                    now = loop.time()
+                    if self._last_video_sent is not None:
+                        m.inter_frame_interval.observe(now - self._last_video_sent)
+                    self._last_video_sent = now
+                    m.frames_sent.labels(str(item[2])).inc()
+                    m.stage_duration.labels("send").observe(time.perf_counter() - started)
+
+
+class _SessionEnd(Exception):
+    """The session ends normally (bye, fatal protocol error, client gone)."""

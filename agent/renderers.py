@@ -1,0 +1,47 @@
+"""Picks and builds the renderer that config asks for."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import structlog
+
+from agent.avatars import AvatarRegistry
+from agent.config import AgentConfig
+from agent.errors import ConfigError
+from media.cpu_renderer import CpuRenderer
+from media.types import Renderer
+
+log = structlog.get_logger(__name__)
+
+UNET_FILE = "latentsync_unet.pt"
+
+
+def latentsync_available(checkpoint_dir: Path) -> tuple[bool, str]:
+    """Whether the diffusion renderer can run here, and why not."""
+    if not (checkpoint_dir / UNET_FILE).is_file():
+        return False, f"no {checkpoint_dir / UNET_FILE}"
+    if importlib.util.find_spec("media.latentsync.renderer") is None:
+        return False, "the LatentSync renderer is not installed"
+    from media.latentsync.renderer import cuda_available
+
+    if not cuda_available():
+        return False, "no CUDA device"
+    return True, "checkpoints and CUDA present"
+
+
+def build_renderer(config: AgentConfig, avatars: AvatarRegistry) -> Renderer:
+    choice = config.renderer.name
+    ckpt = Path(config.renderer.latentsync.checkpoint_dir)
+    if choice == "auto":
+        ok, why = latentsync_available(ckpt)
+        choice = "latentsync" if ok else "cpu"
+        log.info("renderer_selected", renderer=choice, reason=why)
+    if choice == "latentsync":
+        try:
+            from media.latentsync.renderer import LatentSyncRenderer
+        except ImportError as exc:
+            raise ConfigError(f"the LatentSync renderer cannot be loaded: {exc}") from None
+        return LatentSyncRenderer(avatars.get, config.renderer.latentsync)
+    return CpuRenderer(avatars.get, config.renderer.cpu)

@@ -1,0 +1,128 @@
+"""The chunk scheduler: which chunks render together next, sans I/O.
+
+Earliest deadline first within priority classes (a turn in progress before a
+new turn's first chunk before speculative work); waiting ages a chunk up one
+class per `aging_s` so nothing starves. The queue is bounded: overflow sheds
+the least urgent work. `schedule(now, free_workers)` returns immutable plans;
+the engine renders them and reports back with `complete(plan, now)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from media.types import ChunkKey, RenderChunk
+
+
+class Priority(IntEnum):
+    IN_TURN = 0  # the next chunk of a turn already playing
+    TURN_START = 1  # the first chunk of a turn: time to first frame
+    SPECULATIVE = 2  # chunks of queued turns, rendered ahead
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    chunk: RenderChunk
+    deadline: float  # wall time its first frame must be sent
+    priority: Priority
+    enqueued: float
+
+    @property
+    def key(self) -> ChunkKey:
+        return self.chunk.key
+
+
+@dataclass(frozen=True, slots=True)
+class RenderPlan:
+    batch: tuple[WorkItem, ...]
+    planned_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    queued: dict[Priority, int] = field(default_factory=dict)
+    shed: int = 0
+    cancelled: int = 0
+    planned: int = 0
+    completed: int = 0
+    deadline_misses: int = 0
+
+
+class ChunkScheduler:
+    def __init__(self, max_batch: int, max_queue: int, aging_s: float = 1.0) -> None:
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be >= 1")
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.aging_s = aging_s
+        self._queue: list[WorkItem] = []
+        self._shed = 0
+        self._cancelled = 0
+        self._planned = 0
+        self._completed = 0
+        self._misses = 0
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def _urgency(self, item: WorkItem, now: float) -> tuple[int, float]:
+        aged = int((now - item.enqueued) / self.aging_s) if self.aging_s > 0 else 0
+        return (max(int(item.priority) - aged, 0), item.deadline)
+
+    def submit(self, item: WorkItem, now: float) -> list[WorkItem]:
+        """Queue a chunk; returns the items shed to stay within the bound."""
+        self._queue.append(item)
+        shed: list[WorkItem] = []
+        while len(self._queue) > self.max_queue:
+            worst = max(self._queue, key=lambda it: self._urgency(it, now))
+            self._queue.remove(worst)
+            shed.append(worst)
+        self._shed += len(shed)
+        return shed
+
+    def cancel(self, session: str, turns: Iterable[str] | None = None) -> list[WorkItem]:
+        """Drop queued chunks of a session (all, or only the given turns)."""
+        wanted = None if turns is None else set(turns)
+        gone = [
+            it
+            for it in self._queue
+            if it.key.session == session and (wanted is None or it.key.turn in wanted)
+        ]
+        for it in gone:
+            self._queue.remove(it)
+        self._cancelled += len(gone)
+        return gone
+
+    def schedule(self, now: float, free_workers: int) -> list[RenderPlan]:
+        """Up to `free_workers` batches, most urgent first."""
+        plans: list[RenderPlan] = []
+        while free_workers > 0 and self._queue:
+            self._queue.sort(key=lambda it: self._urgency(it, now))
+            batch = tuple(self._queue[: self.max_batch])
+            del self._queue[: self.max_batch]
+            plans.append(RenderPlan(batch=batch, planned_at=now))
+            self._planned += len(batch)
+            free_workers -= 1
+        return plans
+
+    def complete(self, plan: RenderPlan, now: float) -> int:
+        """Record a finished plan; returns how many of its chunks missed their deadline."""
+        misses = sum(1 for it in plan.batch if now > it.deadline)
+        self._completed += len(plan.batch)
+        self._misses += misses
+        return misses
+
+    def stats(self) -> SchedulerStats:
+        queued: dict[Priority, int] = dict.fromkeys(Priority, 0)
+        for it in self._queue:
+            queued[it.priority] += 1
+        return SchedulerStats(
+            queued=queued,
+            shed=self._shed,
+            cancelled=self._cancelled,
+            planned=self._planned,
+            completed=self._completed,
+            deadline_misses=self._misses,
+        )

@@ -1,0 +1,292 @@
+"""The server: shared resources, HTTP endpoints and the WebSocket entry on one port.
+
+`AgentServer` owns what sessions share: avatars, the renderer and its engine,
+pre-encoded idle video, the session store and metrics. It starts listening
+at once (`/healthz` 200) and warms up in the background (`/readyz` 503 until
+the default avatar is loaded and the renderer warmed). SIGTERM drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import json
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import structlog
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from agent.avatars import AvatarRegistry
+from agent.config import AgentConfig
+from agent.connection import SessionConnection
+from agent.engine import ChunkOutcome, Engine
+from agent.errors import CloseCode, OverloadedError, Unauthorized
+from agent.metrics import Metrics
+from agent.renderers import build_renderer
+from agent.scheduler import ChunkScheduler
+from media.avatar import Avatar
+from media.encode import EncodedFrame, encode_loop
+from media.idle_video import idle_frames
+from media.types import Renderer
+from sessions.store import MemorySessionStore, SessionStore
+
+log = structlog.get_logger(__name__)
+WEB_DIR = Path(__file__).resolve().parent / "web"
+SESSION_PATH = "/v1/session"
+
+
+class AgentServer:
+    def __init__(self, config: AgentConfig, *, renderer: Renderer | None = None,
+                 store: SessionStore | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.avatars = AvatarRegistry(config.avatars)
+        self.renderer: Renderer = renderer or build_renderer(config, self.avatars)
+        caps = self.renderer.capabilities
+        workers = config.renderer.cpu.workers if caps.device == "cpu" else 1
+        self.engine = Engine(
+            self.renderer,
+            ChunkScheduler(max_batch=caps.max_batch, max_queue=config.engine.max_queue),
+            workers=workers,
+            render_timeout_s=config.engine.render_timeout_s,
+            on_outcome=self._on_chunk,
+        )
+        self.store: SessionStore = store or MemorySessionStore(time.monotonic)
+        self.encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        self.sessions: dict[str, SessionConnection] = {}
+        self._pending: set[SessionConnection] = set()
+        self._idle_cache: dict[tuple[str, str, int, int], asyncio.Future[tuple[EncodedFrame, ...]]] = {}
+        self.ready = False
+        self.draining = False
+        self._server: Server | None = None
+        self._warm_task: asyncio.Task[None] | None = None
+        self.stopped = asyncio.Event()
+
+    # --- lifecycle --------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config.server
+        self.engine.start()
+        self._server = await serve(
+            self._handle,
+            cfg.host,
+            cfg.port,
+            process_request=self._process_request,
+            compression=None,  # media is already compressed; per-message deflate costs CPU
+            max_size=self.config.limits.max_message_bytes,
+            ping_interval=cfg.ping_interval_s,
+            ping_timeout=cfg.ping_timeout_s,
+            server_header="avatar-agent",
+        )
+        self._warm_task = asyncio.create_task(self._warmup(), name="warmup")
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        sock = next(iter(self._server.sockets))
+        return int(sock.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.config.server.host}:{self.port}{SESSION_PATH}"
+
+    async def _warmup(self) -> None:
+        started = time.perf_counter()
+        try:
+            avatar = await asyncio.to_thread(self.avatars.warmup)
+            await asyncio.to_thread(self.renderer.warmup)
+            fmt = self.config.video
+            from media.encode import fit_size
+
+            w, h = fit_size(avatar.width, avatar.height, min(fmt.max_height, avatar.height))
+            await self.idle_video(avatar, fmt.codec, w, h)
+        except Exception:
+            log.exception("warmup_failed")
+            raise
+        self.ready = True
+        self.metrics.model_ready.set(1)
+        log.info("ready", seconds=round(time.perf_counter() - started, 2),
+                 renderer=self.renderer.capabilities.name, avatar=avatar.id)
+
+    async def wait_ready(self) -> None:
+        assert self._warm_task is not None
+        await asyncio.shield(self._warm_task)
+
+    async def drain(self) -> None:
+        """SIGTERM: refuse new sessions, let turns finish up to a deadline, then close."""
+        if self.draining:
+            return
+        self.draining = True
+        self.metrics.draining.set(1)
+        log.info("draining", sessions=len(self.sessions))
+        deadline = time.monotonic() + self.config.server.drain_timeout_s
+        while time.monotonic() < deadline and any(
+            s.core is not None and not s.core.idle for s in self.sessions.values()
+        ):
+            await asyncio.sleep(0.05)
+        await asyncio.gather(
+            *(s.close(CloseCode.SERVICE_RESTART, "server restarting; resume elsewhere")
+              for s in list(self.sessions.values())),
+            return_exceptions=True,
+        )
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        if self._warm_task is not None and not self._warm_task.done():
+            self._warm_task.cancel()
+        await self.engine.close()
+        self.encode_pool.shutdown(wait=False, cancel_futures=True)
+        self.renderer.close()
+        await self.store.close()
+        self.stopped.set()
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        print(f"avatar agent listening on {self.url}  (health: http://"
+              f"{self.config.server.host}:{self.port}/readyz)", flush=True)
+        await stop.wait()
+        await self.drain()
+        await self.close()
+
+    # --- sessions ---------------------------------------------------------
+
+    def authenticate(self, token: str | None, ws: ServerConnection) -> str:
+        """The principal for a token; the server runs open when no token is configured."""
+        tokens = getattr(self.config.server, "auth_tokens", ())
+        if not tokens:
+            return "anonymous"
+        if token is None and ws.request is not None:
+            header = ws.request.headers.get("Authorization", "")
+            if header.startswith("Bearer "):
+                token = header[7:]
+        if token is None or token not in tokens:
+            raise Unauthorized("missing or invalid token")
+        return "token:" + token[:4]
+
+    def admit(self, conn: SessionConnection) -> None:
+        if self.draining:
+            self.metrics.admission_rejections.labels("draining").inc()
+            raise OverloadedError("server is draining; connect to another instance", 1000)
+        if len(self.sessions) + len(self._pending) >= self.config.server.max_sessions:
+            self.metrics.admission_rejections.labels("max_sessions").inc()
+            raise OverloadedError(
+                f"session limit of {self.config.server.max_sessions} reached", 2000)
+        self._pending.add(conn)
+
+    def register(self, conn: SessionConnection) -> None:
+        self._pending.discard(conn)
+        self.sessions[conn.session_id] = conn
+        self.metrics.active_sessions.set(len(self.sessions))
+
+    def unregister(self, conn: SessionConnection) -> None:
+        self._pending.discard(conn)
+        if self.sessions.get(conn.session_id) is conn:
+            del self.sessions[conn.session_id]
+        self.metrics.active_sessions.set(len(self.sessions))
+
+    async def idle_video(self, avatar: Avatar, codec: str, width: int, height: int
+                         ) -> tuple[EncodedFrame, ...]:
+        """The avatar's idle loop encoded once per format and shared by every session."""
+        key = (avatar.id, codec, width, height)
+        fut = self._idle_cache.get(key)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._idle_cache[key] = fut
+            try:
+                frames = await asyncio.to_thread(idle_frames, avatar, width, height)
+                packets = await asyncio.to_thread(
+                    encode_loop, frames, codec, width, height, avatar.fps,
+                    self.config.video.idle_keyframe_interval_frames, self.config.video)
+                fut.set_result(packets)
+            except BaseException as exc:
+                del self._idle_cache[key]
+                fut.set_exception(exc)
+                raise
+        return await asyncio.shield(fut)
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        await SessionConnection(self, ws).run()
+
+    def _on_chunk(self, outcome: ChunkOutcome) -> None:
+        m = self.metrics
+        m.chunks.labels(outcome.outcome).inc()
+        prio = outcome.priority.name.lower()
+        m.queue_wait.labels(prio).observe(outcome.queue_wait_s)
+        m.stage_duration.labels("queue_wait").observe(outcome.queue_wait_s)
+        for stage, seconds in outcome.stages.items():
+            m.stage_duration.labels(stage).observe(seconds)
+        for p, n in self.engine.queue_depth.items():
+            m.queue_depth.labels(p.name.lower()).set(n)
+
+    # --- HTTP -------------------------------------------------------------
+
+    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == SESSION_PATH:
+            return None  # WebSocket handshake
+        if path == "/healthz":
+            return _respond(http.HTTPStatus.OK, b"ok\n", "text/plain")
+        if path == "/readyz":
+            ok = self.ready and not self.draining
+            status = http.HTTPStatus.OK if ok else http.HTTPStatus.SERVICE_UNAVAILABLE
+            state = "ready" if ok else ("draining" if self.draining else "starting")
+            return _respond(status, f"{state}\n".encode(), "text/plain")
+        if path == "/metrics":
+            return _respond(http.HTTPStatus.OK, self.metrics.render(),
+                            "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/v1/avatars":
+            body = json.dumps({"avatars": self.avatars.describe()}).encode()
+            return _respond(http.HTTPStatus.OK, body, "application/json")
+        page = _static_file(path)
+        if page is not None:
+            return _respond(http.HTTPStatus.OK, page[0], page[1])
+        return _respond(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+
+
+_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+          ".css": "text/css; charset=utf-8"}
+
+
+def _static_file(path: str) -> tuple[bytes, str] | None:
+    """The browser client's files; only names that exist directly in agent/web."""
+    name = "index.html" if path == "/" else path.removeprefix("/web/")
+    if "/" in name or name.startswith(".") or not WEB_DIR.is_dir():
+        return None
+    candidate = WEB_DIR / name
+    if candidate.suffix not in _TYPES or not candidate.is_file():
+        return None
+    return candidate.read_bytes(), _TYPES[candidate.suffix]
+
+
+def _respond(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                       ("Cache-Control", "no-store")])
+    return Response(status.value, status.phrase, headers, body)
+
+
+def run_server(config: AgentConfig, **kwargs: Any) -> None:
+    from agent.logs import configure_logging
+
+    configure_logging(config.logging)
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(AgentServer(config, **kwargs).serve_forever())
