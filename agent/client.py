@@ -234,11 +234,11 @@ def write_recording(rec: SessionRecord, out: Path) -> None:
     decoder = VideoDecoder(video["codec"])
     writer = Mp4Writer(out, video["fps"], video["width"], video["height"], rate)
     try:
+        first_pts = rec.video[0].header.pts_us if rec.video else 0
         for item in rec.video:
             for picture in decoder.decode(item.payload):
-                writer.write_video(picture)
-        pcm = b"".join(a.payload for a in rec.audio)
-        writer.write_audio(np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0)
+                writer.write_video(picture, pts_us=item.header.pts_us - first_pts)
+        writer.write_audio(b"".join(a.payload for a in rec.audio))
     finally:
         writer.close()
 
