@@ -13,6 +13,7 @@ import contextlib
 import http
 import json
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -279,10 +280,25 @@ def _respond(status: http.HTTPStatus, body: bytes, content_type: str) -> Respons
     return Response(status.value, status.phrase, headers, body)
 
 
+def tune_process() -> None:
+    """Process-wide settings for many light threads on few cores.
+
+    Encoder and renderer threads release the GIL in native code and then wait
+    for it again; the default 5 ms switch interval makes each such wait cost
+    up to 5 ms while the event loop is busy. OpenCV's own thread pool would
+    oversubscribe the cores that our worker threads already use.
+    """
+    import cv2
+
+    sys.setswitchinterval(0.001)
+    cv2.setNumThreads(1)
+
+
 def run_server(config: AgentConfig, **kwargs: Any) -> None:
     from agent.logs import configure_logging
 
     configure_logging(config.logging)
+    tune_process()
     try:
         import uvloop
 
