@@ -299,7 +299,7 @@ def test_server_reads_the_mounted_config_and_read_only_weights(
 def test_selectors_pick_the_server_pods_and_only_them(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
-    for docs in (rendered["dev"], rendered["prod"]):
+    for docs in _overlays(rendered):
         pod_labels = _one(docs, "Deployment", "avatar")["spec"]["template"]["metadata"]["labels"]
         other_pods = [
             d["spec"]["template"]["metadata"]["labels"]
