@@ -80,7 +80,7 @@ class AvatarConfig(_Config):
         Path("~/.cache/avatar-agent/avatars"), description="Where prepared avatars live."
     )
     default: str = Field("default", description="Avatar used when hello names none.")
-    default_avatar: DefaultAvatarConfig = Field(default_factory=DefaultAvatarConfig)  # type: ignore[arg-type]
+    default_avatar: DefaultAvatarConfig = Field(default_factory=DefaultAvatarConfig)
     fps: int = Field(25, description="Frame rate of avatars and of the video we send.")
 
 
@@ -105,8 +105,8 @@ class RendererConfig(_Config):
     name: Literal["auto", "cpu", "latentsync"] = Field(
         "auto", description="auto: latentsync when its checkpoints and CUDA exist, else cpu."
     )
-    cpu: CpuRendererConfig = Field(default_factory=CpuRendererConfig)  # type: ignore[arg-type]
-    latentsync: LatentSyncConfig = Field(default_factory=LatentSyncConfig)  # type: ignore[arg-type]
+    cpu: CpuRendererConfig = Field(default_factory=CpuRendererConfig)
+    latentsync: LatentSyncConfig = Field(default_factory=LatentSyncConfig)
 
 
 class EngineConfig(_Config):
@@ -122,14 +122,14 @@ class LoggingConfig(_Config):
 class AgentConfig(_Config):
     """The root config."""
 
-    server: ServerConfig = Field(default_factory=ServerConfig)  # type: ignore[arg-type]
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)  # type: ignore[arg-type]
-    video: VideoConfig = Field(default_factory=VideoConfig)  # type: ignore[arg-type]
-    timeline: TimelineConfig = Field(default_factory=TimelineConfig)  # type: ignore[arg-type]
-    avatars: AvatarConfig = Field(default_factory=AvatarConfig)  # type: ignore[arg-type]
-    renderer: RendererConfig = Field(default_factory=RendererConfig)  # type: ignore[arg-type]
-    engine: EngineConfig = Field(default_factory=EngineConfig)  # type: ignore[arg-type]
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)  # type: ignore[arg-type]
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
+    timeline: TimelineConfig = Field(default_factory=TimelineConfig)
+    avatars: AvatarConfig = Field(default_factory=AvatarConfig)
+    renderer: RendererConfig = Field(default_factory=RendererConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> AgentConfig:
