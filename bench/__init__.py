@@ -1,0 +1,1 @@
+"""Benchmarks: printed tables naming the machine, never run as tests."""
