@@ -331,7 +331,7 @@ class SessionConnection:
         if header.kind != MediaKind.AUDIO:
             raise BadRequest("clients send audio frames only (kind 2)")
         samples = pcm16_to_float(payload)
-        turn = self.core._open.id if self.core._open is not None else None
+        turn = self.core.open_turn
         self.core.on_audio(samples)
         if turn is not None and turn not in self._turn_first_audio:
             self._turn_first_audio[turn] = asyncio.get_running_loop().time()
@@ -407,17 +407,13 @@ class SessionConnection:
         loop = asyncio.get_running_loop()
         now = loop.time()
         for chunk in core.poll_chunks():
-            playing = core.active_turn == chunk.key.turn or (
-                core._playing is not None and core._playing.id == chunk.key.turn
-            )
-            if playing:
+            if core.is_playing(chunk.key.turn):
                 prio = Priority.IN_TURN
-                ahead = chunk.first_frame - (core._playing.played if core._playing else 0)
             elif chunk.first_frame == 0:
-                prio, ahead = Priority.TURN_START, 0
+                prio = Priority.TURN_START
             else:
-                prio, ahead = Priority.SPECULATIVE, chunk.first_frame
-            deadline = now + max(ahead, 0) / core.params.fps
+                prio = Priority.SPECULATIVE
+            deadline = now + max(core.frames_until(chunk), 0) / core.params.fps
             fut = self.server.engine.submit(chunk, deadline, prio)
             self._renders.add(fut)
             fut.add_done_callback(lambda f, c=chunk: self._on_render_done(c, f))

@@ -354,6 +354,23 @@ class SessionCore:
     def active_turn(self) -> str | None:
         return self._playing.id if self._playing and self._playing.client else None
 
+    @property
+    def open_turn(self) -> str | None:
+        """The turn receiving audio (speak.start without speak.end), if any."""
+        return self._open.id if self._open is not None else None
+
+    def frames_until(self, chunk: RenderChunk) -> int:
+        """Frame slots before a planned chunk's first frame is due (its deadline)."""
+        ahead = 0
+        for t in self._turns:
+            if t.id == chunk.key.turn:
+                return ahead + chunk.first_frame - t.played
+            ahead += (t.total_frames or len(t.specs)) - t.played
+        return ahead
+
+    def is_playing(self, turn: str) -> bool:
+        return self._playing is not None and self._playing.id == turn
+
     def pending_turn_ids(self) -> Sequence[str]:
         return [t.id for t in self._turns]
 
