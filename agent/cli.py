@@ -28,6 +28,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["avatars.cache_dir"] = str(args.avatar_dir)
     if args.log_format is not None:
         overrides["logging.format"] = args.log_format
+    if args.state_url is not None:
+        overrides["server.state_url"] = args.state_url
     config = config.with_overrides(overrides)
     run_server(config)
     return 0
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: latentsync with checkpoints and CUDA, else cpu")
     s.add_argument("--avatar-dir", type=Path, help="avatar cache folder")
     s.add_argument("--log-format", choices=["json", "console"], help="log line format")
+    s.add_argument("--state-url", help="redis://HOST:PORT/DB: share resumable sessions")
     s.set_defaults(func=_serve)
 
     c = verbs.add_parser("client", help="speak a WAV file as one turn and save the answer")

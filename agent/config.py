@@ -32,6 +32,12 @@ class ServerConfig(_Config):
     ping_timeout_s: float | None = Field(
         20.0, description="Close a client that does not answer a keepalive ping in time."
     )
+    state_url: str | None = Field(
+        None, description="redis://HOST:PORT/DB to share resumable sessions; None: in memory."
+    )
+    state_save_interval_s: float = Field(
+        10.0, gt=0, description="How often a live session's resumable state is saved."
+    )
 
 
 class LimitsConfig(_Config):

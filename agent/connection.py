@@ -443,6 +443,7 @@ class SessionConnection:
         assert self.fmt is not None
         loop = asyncio.get_running_loop()
         lead = self.cfg.video.send_lead_s
+        save_every = max(int(self.cfg.server.state_save_interval_s * self.fmt.fps), 1)
         while True:
             due = self._t0 + self._slot / self.fmt.fps - lead
             delay = due - loop.time()
@@ -451,6 +452,10 @@ class SessionConnection:
             await self._produce_slot()
             self._slot += 1
             self._submit_chunks()
+            if self._slot % save_every == 0 and self.core is not None and self.core.idle:
+                # Between turns: a crash of this instance can resume from here.
+                await self.server.store.save(self._stored_light(),
+                                             self.cfg.limits.resume_window_s)
 
     async def _produce_slot(self) -> None:
         core, fmt = self.core, self.fmt

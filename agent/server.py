@@ -36,6 +36,7 @@ from media.avatar import Avatar
 from media.encode import EncodedFrame, encode_loop
 from media.idle_video import idle_frames
 from media.types import Renderer
+from sessions.redis_store import RedisSessionStore
 from sessions.store import MemorySessionStore, SessionStore
 
 log = structlog.get_logger(__name__)
@@ -59,7 +60,7 @@ class AgentServer:
             render_timeout_s=config.engine.render_timeout_s,
             on_outcome=self._on_chunk,
         )
-        self.store: SessionStore = store or MemorySessionStore(time.monotonic)
+        self.store: SessionStore = store or _make_store(config)
         self.encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self.sessions: dict[str, SessionConnection] = {}
         self._pending: set[SessionConnection] = set()
@@ -74,6 +75,8 @@ class AgentServer:
 
     async def start(self) -> None:
         cfg = self.config.server
+        if isinstance(self.store, RedisSessionStore):
+            await self.store.ping()
         self.engine.start()
         self._server = await serve(
             self._handle,
@@ -257,6 +260,12 @@ class AgentServer:
         if page is not None:
             return _respond(http.HTTPStatus.OK, page[0], page[1])
         return _respond(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+
+
+def _make_store(config: AgentConfig) -> SessionStore:
+    if config.server.state_url:
+        return RedisSessionStore(config.server.state_url)
+    return MemorySessionStore(time.monotonic)
 
 
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
