@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import http
 import json
+import os
 import signal
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +67,7 @@ class AgentServer:
         self.sessions: dict[str, SessionConnection] = {}
         self._pending: set[SessionConnection] = set()
         self._idle_cache: dict[tuple[str, str, int, int], asyncio.Future[tuple[EncodedFrame, ...]]] = {}
+        self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
         self.ready = False
         self.draining = False
         self._server: Server | None = None
@@ -83,6 +86,7 @@ class AgentServer:
             cfg.host,
             cfg.port,
             process_request=self._process_request,
+            process_response=self._process_response,
             compression=None,  # media is already compressed; per-message deflate costs CPU
             max_size=self.config.limits.max_message_bytes,
             ping_interval=cfg.ping_interval_s,
@@ -238,6 +242,13 @@ class AgentServer:
             m.queue_depth.labels(p.name.lower()).set(n)
 
     # --- HTTP -------------------------------------------------------------
+
+    def _process_response(self, ws: ServerConnection, request: Request, response: Response
+                          ) -> Response:
+        # Which instance answered: lets operators and tests see where a load
+        # balancer routed a connection.
+        response.headers["X-Avatar-Instance"] = self.instance_id
+        return response
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
