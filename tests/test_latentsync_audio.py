@@ -112,11 +112,11 @@ def test_streaming_chunks_match_offline(
         # the log-mel floor, which follows the window's running max.
         stem = streamed.view(f1 - f0, 10, 5, -1)[:, :, 0]
         assert relative_error(stem, offline[f0:f1].view(f1 - f0, 10, 5, -1)[:, :, 0]) < 1e-4
-        # With the whole turn, streaming is the offline computation.
-        whole = extractor.chunk_features([ChunkAudio(pcm, f0, f1 - f0, FPS, end_of_turn=True)])
-        assert relative_error(whole, offline[f0:f1]) < 1e-6
     assert max(errors) < STREAMING_TOLERANCE
     assert errors[-1] == 0.0  # the last chunk has the whole turn
+    # With the whole turn, a streamed chunk is the offline computation.
+    whole = extractor.chunk_features([ChunkAudio(pcm, 2 * CHUNK, CHUNK, FPS, end_of_turn=True)])
+    assert relative_error(whole, offline[2 * CHUNK : 3 * CHUNK]) < 1e-6
     assert errors == sorted(errors, reverse=True)  # more of the window arrived, less difference
 
 
@@ -223,4 +223,5 @@ def test_loader_errors_name_file_and_expectation(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fixture_on_cuda_in_float16(fixture_paths: tuple[Path, Path]) -> None:
-    assert verify_audio(*fixture_paths, device="cuda", dtype=torch.float16) < 1e-2
+    # float16 states alone round at ~3e-4; measured 8.0e-4 on an H200 (float32 on CUDA: 1.8e-4).
+    assert verify_audio(*fixture_paths, device="cuda", dtype=torch.float16) < 2e-3
