@@ -42,6 +42,39 @@ def _client(args: argparse.Namespace) -> int:
                       avatar=args.avatar, text=args.text)
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    import time
+
+    from agent.config import load_config
+    from media.face import FaceModelUnavailable, make_face_analyzer
+    from media.prepare import PrepareError, PrepareOptions, prepare_avatar
+
+    config = load_config(args.config)
+    if args.avatar_dir is not None:
+        config = config.with_overrides({"avatars.cache_dir": str(args.avatar_dir)})
+    root = Path(config.avatars.cache_dir).expanduser()
+    try:
+        analyzer = make_face_analyzer(args.faces, config.renderer.latentsync.checkpoint_dir)
+    except FaceModelUnavailable as exc:
+        raise PrepareError(str(exc)) from None
+    options = PrepareOptions(fps=config.avatars.fps, max_height=args.max_height,
+                             max_seconds=args.max_seconds)
+    t0 = time.perf_counter()
+    report = prepare_avatar(root, args.avatar, args.videos, analyzer, options, force=args.force,
+                            progress=lambda msg: print(msg, flush=True))
+    seconds = time.perf_counter() - t0
+    if report.up_to_date:
+        print(f"avatar {report.avatar_id!r} in {report.path} is up to date (--force redoes it)")
+        return 0
+    for c in report.clips:
+        print(f"  {c.name}: {c.frames} frames ({c.source_fps:.2f} fps source), "
+              f"{c.bad_frames} without a face, {c.rest_segments} rest segments, "
+              f"{c.gesture_ends} gesture ends")
+    print(f"avatar {report.avatar_id!r} ({report.width}x{report.height}, faces: {report.analyzer})"
+          f" written to {report.path} in {seconds:.1f} s ({report.frames / seconds:.1f} frames/s)")
+    return 0
+
+
 def _verify_unet(args: argparse.Namespace) -> int:
     from media.latentsync.verify import verify_unet
 
@@ -86,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--token", default=None, help="API token or session ticket")
     c.add_argument("--text", default=None, help="transcript sent with speak.start")
     c.set_defaults(func=_client)
+
+    r = verbs.add_parser("prepare", help="make an avatar from videos of one person")
+    r.add_argument("--avatar", required=True, help="avatar id (a-z 0-9 _ -)")
+    r.add_argument("videos", nargs="+", type=Path, metavar="VIDEO", help="one clip per video")
+    r.add_argument("--config", type=Path, help="YAML config file (cache folder, fps)")
+    r.add_argument("--avatar-dir", type=Path, help="avatar cache folder (default: serve's)")
+    r.add_argument("--faces", choices=["auto", "insightface", "dlib", "haar"], default="auto",
+                   help="face landmarks: auto takes the best available")
+    r.add_argument("--max-height", type=int, default=720, help="stored frame height at most")
+    r.add_argument("--max-seconds", type=float, default=120.0, help="all videos together")
+    r.add_argument("--force", action="store_true", help="redo even when up to date")
+    r.set_defaults(func=_prepare)
 
     u = verbs.add_parser("verify-unet", help="check our UNet against reference outputs")
     u.add_argument("--config", type=Path, required=True, help="UNet config JSON")
