@@ -1,0 +1,70 @@
+"""Primitives shared by the UNet's spatial and temporal parts.
+
+Video tensors are `(B, C, F, H, W)` between modules, as in LatentSync. Spatial
+layers treat frames as batch items: `(B*F, C, H, W)`, batch-major (index
+`b*F + f`), which is also the layout of the audio conditioning.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def frames_to_batch(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) -> (B*F, C, H, W)."""
+    b, c, f, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * f, c, h, w)
+
+
+def batch_to_frames(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(B*F, C, H, W) -> (B, C, F, H, W) (a view)."""
+    bf, c, h, w = x.shape
+    return x.view(bf // num_frames, num_frames, c, h, w).transpose(1, 2)
+
+
+class FrameConv2d(nn.Conv2d):
+    """A 2D convolution applied to every frame of a video; weights keep the 2D shape."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, F, H, W) -> (B, C_out, F, H', W')
+        y = super().forward(frames_to_batch(x))
+        return batch_to_frames(y, x.shape[2])
+
+
+class Attention(nn.Module):
+    """Multi-head attention without q/k/v bias, LatentSync's (and diffusers') key layout.
+
+    Self-attention when `context` is None, cross-attention otherwise. Uses
+    `F.scaled_dot_product_attention`, which picks a fused (flash / memory
+    efficient) kernel on GPU.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} does not divide by {heads} heads")
+        self.heads = heads
+        context_dim = dim if context_dim is None else context_dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        # A list so the key is `to_out.0` (LatentSync's `to_out.1` is a parameterless dropout).
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (N, S, C); context: (N, S_ctx, C_ctx) or None -> (N, S, C)
+        context = x if context is None else context
+        q = self._split_heads(self.to_q(x))  # (N, heads, S, C/heads)
+        k = self._split_heads(self.to_k(context))  # (N, heads, S_ctx, C/heads)
+        v = self._split_heads(self.to_v(context))
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, S, C/heads)
+        out = out.transpose(1, 2).flatten(2)  # (N, S, C)
+        projected: torch.Tensor = self.to_out[0](out)
+        return projected
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        # (N, S, C) -> (N, heads, S, C/heads)
+        n, s, c = x.shape
+        return x.view(n, s, self.heads, c // self.heads).transpose(1, 2)

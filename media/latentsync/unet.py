@@ -1,0 +1,152 @@
+"""LatentSync's lip-sync UNet (v1.5 / v1.6 "stage2"), inference only.
+
+A Stable-Diffusion-1.5-shaped UNet run on every frame of a 16-frame chunk, with
+- 13 input channels: noisy latent 4, mask 1, masked-face latent 4, reference latent 4;
+- spatial transformers whose cross-attention (`attn2`) reads the frame's audio
+  features (50 tokens of 384: Whisper-tiny) instead of text;
+- AnimateDiff motion modules (temporal self-attention) after each spatial layer;
+- ResNet GroupNorms whose statistics span all frames of a video.
+
+Module names equal the released checkpoint's keys (`latentsync_unet.pt`), so its
+state dict loads strictly (see `media.latentsync.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import nn
+
+from media.latentsync.config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, UNetConfig
+from media.latentsync.layers import FrameConv2d
+from media.latentsync.unet_blocks import DownBlock3D, MidBlock3D, UpBlock3D
+
+
+class UNet3DConditionModel(nn.Module):
+    """Predicts the noise of a chunk of face latents, conditioned on per-frame audio."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        channels = config.block_out_channels
+        n = len(channels)
+        temb = config.time_embed_dim
+        groups, eps = config.norm_num_groups, config.norm_eps
+        audio_dim = config.cross_attention_dim if config.add_audio_layer else None
+        motion = config.motion_module_kwargs if config.use_motion_module else None
+
+        self.conv_in = FrameConv2d(config.in_channels, channels[0], kernel_size=3, padding=1)
+        self.time_proj = Timesteps(channels[0], config.flip_sin_to_cos, config.freq_shift)
+        self.time_embedding = TimestepEmbedding(channels[0], temb)
+
+        self.down_blocks = nn.ModuleList()
+        for i, block_type in enumerate(config.down_block_types):
+            has_motion = 2**i in config.motion_module_resolutions
+            self.down_blocks.append(
+                DownBlock3D(
+                    channels[max(i - 1, 0)],
+                    channels[i],
+                    temb,
+                    layers=config.layers_per_block,
+                    groups=groups,
+                    eps=eps,
+                    heads=config.attention_head_dim if block_type == CROSS_ATTN_DOWN else None,
+                    audio_dim=audio_dim,
+                    motion=motion if has_motion and not config.motion_module_decoder_only else None,
+                    add_downsample=i < n - 1,
+                    downsample_padding=config.downsample_padding,
+                )
+            )
+
+        self.mid_block = MidBlock3D(
+            channels[-1],
+            temb,
+            groups=groups,
+            eps=eps,
+            heads=config.attention_head_dim,
+            audio_dim=audio_dim,
+            motion=motion if config.motion_module_mid_block else None,
+            output_scale_factor=config.mid_block_scale_factor,
+        )
+
+        self.up_blocks = nn.ModuleList()
+        for i, block_type in enumerate(config.up_block_types):
+            level = n - 1 - i  # resolution level this block works at, 2**level downsampling
+            self.up_blocks.append(
+                UpBlock3D(
+                    channels[max(level - 1, 0)],
+                    channels[level],
+                    channels[min(level + 1, n - 1)],
+                    temb,
+                    layers=config.layers_per_block + 1,
+                    groups=groups,
+                    eps=eps,
+                    heads=config.attention_head_dim if block_type == CROSS_ATTN_UP else None,
+                    audio_dim=audio_dim,
+                    motion=motion if 2**level in config.motion_module_resolutions else None,
+                    add_upsample=i < n - 1,
+                )
+            )
+
+        self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=eps)
+        self.conv_out = FrameConv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | int | float,
+        encoder_hidden_states: torch.Tensor,
+    ) -> torch.Tensor:
+        """Predict noise.
+
+        sample: (B, in_channels, F, H, W) latents; timestep: a scalar, (1,) or (B,)
+        (pass a tensor when compiling: a Python number is baked into the graph);
+        encoder_hidden_states: (B*F, 50, 384) audio features, batch-major (index b*F + f).
+        Returns (B, out_channels, F, H, W).
+        """
+        self._check_inputs(sample, encoder_hidden_states)
+        b = sample.shape[0]
+        audio = encoder_hidden_states
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        # Time embedding. The sinusoid is float32; cast to the weights' dtype (fp16/bf16
+        # weights would otherwise receive a float32 input).
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)  # (B,)
+        t_emb = self.time_proj(t).to(self.time_embedding.linear_1.weight.dtype)  # (B, C0)
+        temb: torch.Tensor = self.time_embedding(t_emb)  # (B, 4*C0)
+
+        x = self.conv_in(sample)  # (B, C0, F, H, W)
+        skips = [x]
+        for down in self.down_blocks:
+            x, states = down(x, temb, audio)  # (B, C_i, F, H_i, W_i), halved but at the last
+            skips.extend(states)
+
+        x = self.mid_block(x, temb, audio)  # (B, C_last, F, H/2^(n-1), W/2^(n-1))
+
+        k = self.config.layers_per_block + 1  # skips each up block consumes
+        for up in self.up_blocks:
+            block_skips, skips = skips[-k:], skips[:-k]
+            # Upsample to the next level's skip size (2x, or the odd size the down path had).
+            out_size = (skips[-1].shape[-2], skips[-1].shape[-1]) if skips else None
+            x = up(x, block_skips, temb, audio, out_size)  # (B, C, F, ...) one level up
+
+        out: torch.Tensor = self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, out_ch, F, H, W)
+        return out
+
+    def _check_inputs(self, sample: torch.Tensor, audio: torch.Tensor) -> None:
+        cfg = self.config
+        if sample.ndim != 5 or sample.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"sample must be (B, {cfg.in_channels}, F, H, W), got {tuple(sample.shape)}"
+            )
+        b, _, f = sample.shape[:3]
+        if audio.ndim != 3 or audio.shape[0] != b * f or audio.shape[2] != cfg.cross_attention_dim:
+            raise ValueError(
+                f"encoder_hidden_states must be (B*F={b * f}, S, {cfg.cross_attention_dim}),"
+                f" got {tuple(audio.shape)}"
+            )
+        max_frames = cfg.motion_module_kwargs.temporal_position_encoding_max_len
+        if cfg.use_motion_module and f > max_frames:
+            raise ValueError(f"{f} frames exceed the motion modules' {max_frames} positions")

@@ -1,0 +1,174 @@
+"""Our LatentSync UNet against the reference: golden outputs, key layout, loading errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from agent.errors import ConfigError
+from media.latentsync.checkpoint import (
+    CheckpointMismatchError,
+    check_manifest,
+    load_unet,
+    read_manifest,
+)
+from media.latentsync.config import UNetConfig
+from media.latentsync.unet import UNet3DConditionModel
+from media.latentsync.verify import FAITHFUL_RELATIVE_ERROR, relative_error, verify_unet
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # The tiny model gains nothing from intra-op threads, and on a busy 2-core machine
+    # OpenMP threads spin against other processes: one forward took 4 s with 2 threads
+    # and 0.3 s with 1.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fixtures(shared_dir: Path) -> Path:
+    return shared_dir / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def tiny_config(fixtures: Path) -> UNetConfig:
+    return UNetConfig.from_json(fixtures / "tiny_unet_config.json")
+
+
+@pytest.fixture(scope="module")
+def tiny_unet(fixtures: Path, tiny_config: UNetConfig) -> UNet3DConditionModel:
+    return load_unet(tiny_config, fixtures / "tiny_unet_weights.safetensors")
+
+
+@pytest.fixture(scope="module")
+def golden(fixtures: Path) -> dict[str, torch.Tensor]:
+    return load_file(fixtures / "tiny_unet_io.safetensors")
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_unet: UNet3DConditionModel, golden: dict[str, torch.Tensor]) -> torch.Tensor:
+    return run(tiny_unet, golden)
+
+
+def run(
+    model: UNet3DConditionModel, io: dict[str, torch.Tensor], **over: torch.Tensor
+) -> torch.Tensor:
+    with torch.inference_mode():
+        out: torch.Tensor = model(
+            over.get("sample", io["sample"]),
+            over.get("timestep", io["timestep"]),
+            over.get("audio", io["audio"]),
+        )
+    return out
+
+
+def test_tiny_unet_reproduces_reference(fixtures: Path) -> None:
+    error = verify_unet(
+        fixtures / "tiny_unet_config.json",
+        fixtures / "tiny_unet_weights.safetensors",
+        fixtures / "tiny_unet_io.safetensors",
+    )
+    assert error < FAITHFUL_RELATIVE_ERROR
+
+
+def test_audio_conditioning_is_used(
+    tiny_unet: UNet3DConditionModel, golden: dict[str, torch.Tensor]
+) -> None:
+    silent = run(tiny_unet, golden, audio=torch.zeros_like(golden["audio"]))
+    # The reference moves by about 1.7% without audio.
+    assert relative_error(silent, golden["expected"]) > 5e-3
+
+
+def test_audio_is_batch_major(
+    tiny_unet: UNet3DConditionModel, golden: dict[str, torch.Tensor], baseline: torch.Tensor
+) -> None:
+    # Rows F..2F-1 belong to the second video: changing them leaves the first one
+    # exactly as it was (nothing mixes batch items) and changes the second.
+    frames = golden["sample"].shape[2]
+    audio = golden["audio"].clone()
+    audio[frames:] = 0.0
+    out = run(tiny_unet, golden, audio=audio)
+    assert torch.equal(out[0], baseline[0])
+    assert relative_error(out[1], baseline[1]) > 5e-3
+
+
+def test_timestep_as_number_or_batch(
+    tiny_unet: UNet3DConditionModel, golden: dict[str, torch.Tensor], baseline: torch.Tensor
+) -> None:
+    step = int(golden["timestep"].item())
+    batch = golden["sample"].shape[0]
+    with torch.inference_mode():
+        as_int = tiny_unet(golden["sample"], step, golden["audio"])
+    per_item = run(tiny_unet, golden, timestep=torch.full((batch,), step))
+    assert torch.allclose(as_int, baseline) and torch.allclose(per_item, baseline)
+
+
+def test_runs_in_bfloat16(
+    fixtures: Path, tiny_config: UNetConfig, golden: dict[str, torch.Tensor]
+) -> None:
+    # The float32 timestep sinusoid must be cast to the weights' dtype.
+    model = load_unet(tiny_config, fixtures / "tiny_unet_weights.safetensors", dtype=torch.bfloat16)
+    out = run(model, golden, sample=golden["sample"].bfloat16(), audio=golden["audio"].bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out.float(), golden["expected"]) < 0.05
+
+
+def test_full_size_model_has_the_released_layout(shared_dir: Path) -> None:
+    manifest = shared_dir / "manifests" / "latentsync_unet_stage2.json"
+    config, tensors = read_manifest(manifest)
+    with torch.device("meta"):
+        model = UNet3DConditionModel(config)
+    state = model.state_dict()
+    check_manifest(state, manifest)  # raises on any name or shape difference
+    assert len(state) == len(tensors) == 1246
+    assert sum(t.numel() for t in state.values()) == 1_267_944_644
+    assert any(name.endswith("pos_encoder.pe") for name in state)
+
+
+def test_mismatched_weights_give_a_clear_error(
+    fixtures: Path, tiny_config: UNetConfig, tmp_path: Path
+) -> None:
+    state = load_file(fixtures / "tiny_unet_weights.safetensors")
+    del state["conv_in.bias"]
+    state["conv_in.extra"] = torch.zeros(1)
+    state["conv_out.weight"] = torch.zeros(5, 32, 3, 3)
+    path = tmp_path / "bad.safetensors"
+    save_file(state, path)
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_unet(tiny_config, path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "1 missing (conv_in.bias)" in message
+    assert "1 unexpected (conv_in.extra)" in message
+    assert "conv_out.weight: [5, 32, 3, 3] vs expected [4, 32, 3, 3]" in message
+
+
+def test_loads_latentsync_pt_format(
+    fixtures: Path, tiny_config: UNetConfig, golden: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    state = load_file(fixtures / "tiny_unet_weights.safetensors")
+    good, bad = tmp_path / "latentsync_unet.pt", tmp_path / "flat.pt"
+    torch.save({"global_step": 7, "state_dict": state}, good)
+    torch.save(state, bad)
+    model = load_unet(tiny_config, good)
+    assert relative_error(run(model, golden), golden["expected"]) < FAITHFUL_RELATIVE_ERROR
+    with pytest.raises(ConfigError, match="expected a dict with 'state_dict'"):
+        load_unet(tiny_config, bad)
+
+
+def test_config_rejects_unknown_and_unsupported_values(fixtures: Path) -> None:
+    config = UNetConfig.from_json(fixtures / "tiny_unet_config.json")
+    assert config.block_out_channels == (32, 64, 64, 64)
+    with pytest.raises(ConfigError, match="unknown UNet config keys: \\['typo'\\]"):
+        UNetConfig.from_dict({"typo": 1})
+    with pytest.raises(ConfigError, match="resnet_time_scale_shift"):
+        UNetConfig.from_dict({"resnet_time_scale_shift": "scale_shift"})
