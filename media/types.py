@@ -84,6 +84,8 @@ class RenderChunk:
     first_frame: int
     audio: Audio
     fps: int
+    # True once the turn's audio is complete (speak.end): `audio` is all of it.
+    end_of_turn: bool = False
     trace: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

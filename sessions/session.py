@@ -265,6 +265,7 @@ class SessionCore:
                     first_frame=start,
                     audio=t.audio16.view(),
                     fps=self.params.fps,
+                    end_of_turn=t.ended,
                 )
             )
             t.requested_chunks += 1
