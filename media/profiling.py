@@ -1,0 +1,60 @@
+"""`serve --profile-turns N`: a torch profiler trace of rendered chunks, for Perfetto.
+
+Wraps a renderer: the first `chunks` render calls run under
+`torch.profiler.profile` (CPU, and CUDA when present), each stage marked with
+`record_function`, and the trace is written as Chrome trace JSON, which
+https://ui.perfetto.dev opens. Later calls run unprofiled.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from media.types import RenderChunk, Renderer, RendererCapabilities, RenderResult
+
+
+class ProfilingRenderer:
+    def __init__(self, inner: Renderer, out_dir: Path, chunks: int) -> None:
+        if chunks < 1:
+            raise ValueError("profile at least one chunk")
+        self.inner = inner
+        self.out_dir = out_dir
+        self.remaining = chunks
+        self.written: list[Path] = []
+        self._lock = threading.Lock()
+
+    @property
+    def capabilities(self) -> RendererCapabilities:
+        return self.inner.capabilities
+
+    def warmup(self) -> None:
+        self.inner.warmup()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def render(self, batch: Sequence[RenderChunk]) -> list[RenderResult]:
+        with self._lock:
+            profile = self.remaining > 0
+            if profile:
+                self.remaining -= len(batch)
+        if not profile:
+            return self.inner.render(batch)
+        import torch
+        from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+
+        activities = [ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(ProfilerActivity.CUDA)
+        keys = ",".join(f"{c.key.session}/{c.key.turn}/{c.key.index}" for c in batch)
+        with torch_profile(activities=activities, record_shapes=True) as prof:
+            with record_function(f"render[{keys}]"):
+                results = self.inner.render(batch)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"chunks-{time.time_ns()}.trace.json"
+        prof.export_chrome_trace(str(path))
+        self.written.append(path)
+        return results
