@@ -48,7 +48,7 @@ class FaceModelUnavailable(RuntimeError):
 class FaceObservation:
     """One face in one frame, in that frame's pixel coordinates."""
 
-    box: tuple[float, float, float, float]  # x0, y0, x1, y1
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 (Box)
     score: float  # detector confidence; comparable only within one analyzer
     points: Geometry  # (8, 2) in FACE_POINTS order
     align: Points  # (3, 2) left eyebrow centre, right eyebrow centre, nose centre
@@ -72,13 +72,22 @@ class FaceObservation:
         return FaceObservation(box, self.score, m(self.points), m(self.align))
 
 
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1
+
+
 class FaceAnalyzer(Protocol):
     """Finds faces with landmarks in one RGB frame; holds no per-video state."""
 
     @property
     def name(self) -> str: ...
 
-    def detect(self, frame: Frame) -> list[FaceObservation]: ...
+    def detect(self, frame: Frame) -> list[FaceObservation]:
+        """Every face in the frame, with landmarks."""
+        ...
+
+    def landmarks(self, frame: Frame, box: Box, score: float) -> FaceObservation:
+        """Landmarks of the face in a box this analyzer's `detect` gave (at another scale)."""
+        ...
 
 
 # --- dlib: HOG detector + 68-point shape predictor -------------------------
@@ -103,8 +112,11 @@ _D68_ALIGN: tuple[tuple[int, ...], ...] = (
     tuple(range(27, 36)),
 )
 # HOG finds faces from about 80 px at upsample 0; detection runs on a copy
-# whose longer side is at most this, for speed.
-_DLIB_DETECT_SIDE = 640
+# whose longer side is at most this (faces from about 120 px at 1920 wide).
+# Pictures smaller than _DLIB_SMALL_SIDE are searched again upsampled once
+# (faces from 40 px) when nothing is found at upsample 0.
+_DLIB_DETECT_SIDE = 1280
+_DLIB_SMALL_SIDE = 400
 _DLIB_MIN_SCORE = 0.0
 
 
@@ -136,32 +148,37 @@ class DlibAnalyzer:
         return "dlib"
 
     def detect(self, frame: Frame) -> list[FaceObservation]:
-        gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+        gray = _gray(frame)
         h, w = gray.shape
         scale = min(1.0, _DLIB_DETECT_SIDE / max(h, w))
         small = gray if scale == 1.0 else cv2.resize(
             gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA
         )
-        # Small pictures (ROI crops, thumbnails) are upsampled once to find faces from 40 px.
-        upsample = 1 if max(small.shape) < 400 else 0
-        rects, scores, _ = self._detector.run(small, upsample, _DLIB_MIN_SCORE)
-        out = []
-        for rect, score in zip(rects, scores, strict=True):
-            box = (
-                rect.left() / scale, rect.top() / scale,
-                (rect.right() + 1) / scale, (rect.bottom() + 1) / scale,
-            )
-            full = self._dlib.rectangle(
-                round(box[0]), round(box[1]), round(box[2]) - 1, round(box[3]) - 1
-            )
-            shape = self._predictor(gray, full)
-            lm = np.array([[p.x, p.y] for p in shape.parts()], np.float32)  # (68, 2)
-            out.append(
-                FaceObservation(
-                    box, float(score), _mean_points(lm, _D68_POINTS), _mean_points(lm, _D68_ALIGN)
-                )
-            )
-        return out
+        rects, scores, _ = self._detector.run(small, 0, _DLIB_MIN_SCORE)
+        if not rects and max(small.shape) < _DLIB_SMALL_SIDE:
+            rects, scores, _ = self._detector.run(small, 1, _DLIB_MIN_SCORE)
+        boxes = [
+            (r.left() / scale, r.top() / scale, (r.right() + 1) / scale, (r.bottom() + 1) / scale)
+            for r in rects
+        ]
+        return [self._shape(gray, box, float(s)) for box, s in zip(boxes, scores, strict=True)]
+
+    def landmarks(self, frame: Frame, box: Box, score: float) -> FaceObservation:
+        return self._shape(_gray(frame), box, score)
+
+    def _shape(self, gray: npt.NDArray[np.uint8], box: Box, score: float) -> FaceObservation:
+        rect = self._dlib.rectangle(
+            round(box[0]), round(box[1]), round(box[2]) - 1, round(box[3]) - 1
+        )
+        shape = self._predictor(gray, rect)
+        lm = np.array([[p.x, p.y] for p in shape.parts()], np.float32)  # (68, 2)
+        return FaceObservation(
+            box, score, _mean_points(lm, _D68_POINTS), _mean_points(lm, _D68_ALIGN)
+        )
+
+
+def _gray(frame: Frame) -> npt.NDArray[np.uint8]:
+    return np.asarray(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY), np.uint8)
 
 
 def find_dlib_model() -> Path | None:
@@ -220,12 +237,18 @@ class HaarAnalyzer:
         for (x, y, bw, bh), weight in zip(np.asarray(rects).reshape(-1, 4), np.ravel(weights),
                                           strict=True):
             box = (x / scale, y / scale, (x + bw) / scale, (y + bh) / scale)
-            eyes = self._eyes(gray, box)
-            points, align = _fit_template(eyes)
-            out.append(FaceObservation(box, float(weight), points, align))
+            out.append(self._fit(gray, box, float(weight)))
         return out
 
-    def _eyes(self, gray: npt.NDArray[np.uint8], box: tuple[float, float, float, float]) -> Points:
+    def landmarks(self, frame: Frame, box: Box, score: float) -> FaceObservation:
+        gray = np.asarray(cv2.equalizeHist(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)), np.uint8)
+        return self._fit(gray, box, score)
+
+    def _fit(self, gray: npt.NDArray[np.uint8], box: Box, score: float) -> FaceObservation:
+        points, align = _fit_template(self._eyes(gray, box))
+        return FaceObservation(box, score, points, align)
+
+    def _eyes(self, gray: npt.NDArray[np.uint8], box: Box) -> Points:
         """Centres of the two eyes: detected when a plausible pair is found, else from the box."""
         x0, y0, x1, y1 = (round(v) for v in box)
         bw, bh = x1 - x0, y1 - y0
@@ -293,7 +316,9 @@ def make_face_analyzer(name: str, checkpoints: Path = Path("checkpoints")) -> Fa
 
 # --- following one person through a video -------------------------------------
 
-_ROI_FACE_PX = 160  # face width in the region searched around the last position
+# The region searched around the last position is scaled so that the face is
+# this wide: large enough for every detector, small enough to be fast.
+_ROI_FACE_PX = 110
 _ROI_MARGIN = 0.8  # region = face box grown by this many face widths on each side
 _MIN_IOU = 0.3
 _REACQUIRE_FRAMES = 25  # after this many misses any face may be taken again
@@ -304,7 +329,9 @@ class FaceTracker:
 
     Each frame is searched first in a region around the last position (small
     and fast), then, when that misses, over the whole frame; a face far from
-    the last position is taken only after `_REACQUIRE_FRAMES` misses.
+    the last position is taken only after `_REACQUIRE_FRAMES` misses. A face
+    found over the whole frame is measured again in its region, so every
+    point of the track comes from the same path.
     Sans-I/O: one `update` per frame, in order.
     """
 
@@ -328,6 +355,9 @@ class FaceTracker:
         if chosen is None:
             self._misses += 1
             return None
+        # Measured again the way the following frames will be (in the region
+        # around it), so the track has no step where it switches to that path.
+        chosen = _best_overlap(self._search_near(frame, chosen), chosen) or chosen
         self._last, self._misses = chosen, 0
         return chosen
 
@@ -338,11 +368,18 @@ class FaceTracker:
         rx0, ry0 = max(int(x0 - pad), 0), max(int(y0 - pad), 0)
         rx1, ry1 = min(int(math.ceil(x1 + pad)), w), min(int(math.ceil(y1 + pad)), h)
         roi = frame[ry0:ry1, rx0:rx1]
-        scale = min(1.0, _ROI_FACE_PX / max(last.width, 1.0))
-        if scale < 1.0:
+        scale = _ROI_FACE_PX / max(last.width, 1.0)
+        if abs(scale - 1.0) > 0.1:
             size = (max(round(roi.shape[1] * scale), 1), max(round(roi.shape[0] * scale), 1))
-            roi = np.asarray(cv2.resize(roi, size, interpolation=cv2.INTER_AREA), np.uint8)
-        return [f.mapped(scale, rx0, ry0) for f in self._analyzer.detect(np.ascontiguousarray(roi))]
+            interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+            roi = np.asarray(cv2.resize(roi, size, interpolation=interp), np.uint8)
+        else:
+            scale = 1.0
+        found = [f.mapped(scale, rx0, ry0)
+                 for f in self._analyzer.detect(np.ascontiguousarray(roi))]
+        if scale < 1.0:  # landmarks at full resolution, not at the reduced scale
+            found = [self._analyzer.landmarks(frame, f.box, f.score) for f in found]
+        return found
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from media.face import FaceModelUnavailable, FaceObservation, Points
+from media.face import Box, FaceModelUnavailable, FaceObservation, Points
 from media.types import Frame
 
 DET_SIZE = 640
@@ -85,15 +85,14 @@ class InsightFaceAnalyzer:
         return "insightface"
 
     def detect(self, frame: Frame) -> list[FaceObservation]:
-        out = []
-        for box, score in self._boxes(frame):
-            lm = self._landmarks(frame, box)  # (106, 2)
-            align = np.stack([lm[list(g)].mean(axis=0) for g in _ALIGN_106]).astype(np.float32)
-            out.append(FaceObservation(tuple(float(v) for v in box), score,  # type: ignore[arg-type]
-                                       face_points_106(lm), align))
-        return out
+        return [self.landmarks(frame, box, score) for box, score in self._boxes(frame)]
 
-    def _boxes(self, frame: Frame) -> list[tuple[npt.NDArray[np.float64], float]]:
+    def landmarks(self, frame: Frame, box: Box, score: float) -> FaceObservation:
+        lm = self._landmarks(frame, np.array(box, np.float64))  # (106, 2)
+        align = np.stack([lm[list(g)].mean(axis=0) for g in _ALIGN_106]).astype(np.float32)
+        return FaceObservation(box, score, face_points_106(lm), align)
+
+    def _boxes(self, frame: Frame) -> list[tuple[Box, float]]:
         h, w = frame.shape[:2]
         scale = DET_SIZE / max(h, w)
         nh, nw = max(round(h * scale), 1), max(round(w * scale), 1)
@@ -114,7 +113,7 @@ class InsightFaceAnalyzer:
             scores.append(score[keep])
         all_boxes = np.concatenate(boxes) / scale
         all_scores = np.concatenate(scores)
-        return [(all_boxes[k], float(all_scores[k])) for k in _nms(all_boxes, all_scores)]
+        return [(_box(all_boxes[k]), float(all_scores[k])) for k in _nms(all_boxes, all_scores)]
 
     def _landmarks(self, frame: Frame, box: npt.NDArray[np.float64]) -> Points:
         size = self._lmk_size
@@ -127,6 +126,10 @@ class InsightFaceAnalyzer:
         pts = (pred.astype(np.float64) + 1.0) * (size // 2)  # crop pixels
         inv = cv2.invertAffineTransform(m)
         return (pts @ inv[:, :2].T + inv[:, 2]).astype(np.float32)
+
+
+def _box(v: npt.NDArray[np.float64]) -> Box:
+    return float(v[0]), float(v[1]), float(v[2]), float(v[3])
 
 
 def face_points_106(lm: Points) -> npt.NDArray[np.float32]:

@@ -42,7 +42,7 @@ class ClipMotion:
     roll: npt.NDArray[np.float64]  # (N,) eye-line angle, radians
     rest_segments: tuple[tuple[int, int], ...]
     gesture_ends: tuple[int, ...]
-    calm_fallback: bool  # rest_segments is the calmest window, nothing was still enough
+    calm_fallback: bool  # the calmest window was added: nothing was still long enough
 
 
 def analyse_motion(points: npt.NDArray[np.float32], good: npt.NDArray[np.bool_], fps: int
@@ -72,8 +72,11 @@ def analyse_motion(points: npt.NDArray[np.float32], good: npt.NDArray[np.bool_],
     rest = good & (speed < REST_SPEED) & (mouth_gap < MOUTH_CLOSED)
     segments = _runs(rest, max(round(REST_MIN_S * fps), 1))
     calm = False
-    if not segments:
-        segments, calm = _calmest(speed + mouth_gap, good, fps), True
+    if not any(b - a >= _idle_piece(fps) for a, b in segments):
+        # Nothing long enough for an idle loop: add the calmest window.
+        for a, b in _calmest(speed + mouth_gap, good, fps):
+            rest[a:b], calm = True, True
+        segments = _runs(rest, max(round(REST_MIN_S * fps), 1))
     return ClipMotion(
         geometry=geometry.astype(np.float32),
         speed=speed,
@@ -120,6 +123,11 @@ def _moving_average(x: npt.NDArray[np.float64], width: int) -> npt.NDArray[np.fl
     return np.convolve(padded, kernel, mode="valid")
 
 
+def _idle_piece(fps: int) -> int:
+    """The shortest rest piece `build_idle_loop` can use: a crossfade on each side and a frame."""
+    return 2 * max(round(IDLE_BLEND_S * fps), 1) + 1
+
+
 def _runs(mask: npt.NDArray[np.bool_], min_len: int) -> tuple[tuple[int, int], ...]:
     padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
     edges = np.flatnonzero(np.diff(padded))
@@ -130,7 +138,7 @@ def _runs(mask: npt.NDArray[np.bool_], min_len: int) -> tuple[tuple[int, int], .
 def _calmest(cost: npt.NDArray[np.float64], good: npt.NDArray[np.bool_], fps: int
              ) -> tuple[tuple[int, int], ...]:
     """The window of good frames with the least mean cost, long enough for an idle loop."""
-    length = max(round(CALM_WINDOW_S * fps), 2 * max(round(IDLE_BLEND_S * fps), 1) + 1)
+    length = max(round(CALM_WINDOW_S * fps), _idle_piece(fps))
     n = cost.shape[0]
     if n < length:
         return ()

@@ -11,7 +11,7 @@ import pytest
 from skimage import data as skdata
 
 from agent.cli import main
-from media.avatar import Avatar
+from media.avatar import Avatar, ClipInfo
 from media.avatar_cache import list_avatars, load_avatar
 from media.face import FaceAnalyzer, make_face_analyzer
 from media.face_align import paste_back
@@ -47,6 +47,12 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         key: person_video(d / f"astronaut.{key}", SECONDS, 30, SIZE, key, BLACKOUT_30)
         for key in ("mp4", "webm", "mkv")
     }
+
+
+@pytest.fixture(scope="module")
+def short_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1.2 s at 256 px: still for 1 s (enough rest for an idle loop), 30 frames at 25 fps."""
+    return person_video(tmp_path_factory.mktemp("short") / "short.mkv", 1.2, 30, 256, "mkv")
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +146,13 @@ class _MeanEncoder:
         return np.concatenate([blocks, lum], axis=3).transpose(0, 3, 1, 2).astype(np.float16)
 
 
-def test_latent_hook_and_up_to_date(tmp_path: Path, videos: dict[str, Path],
+def test_latent_hook_and_up_to_date(tmp_path: Path, short_video: Path,
                                     analyzer: FaceAnalyzer) -> None:
     encoder = _MeanEncoder()
     options = PrepareOptions(idle_seconds=2.0)
-    first = prepare_avatar(tmp_path, "lat", [videos["mkv"]], analyzer, options,
+    first = prepare_avatar(tmp_path, "lat", [short_video], analyzer, options,
                            latent_encoder=encoder)
-    assert not first.up_to_date and encoder.calls == 2 * 5  # 75 frames in batches of 16, twice
+    assert not first.up_to_date and encoder.calls == 2 * 2  # 30 frames in batches of 16, twice
     avatar = load_avatar(tmp_path, "lat")
     latents = FaceCache(avatar).latents(SourceRef(0, 10))
     assert latents is not None
@@ -154,11 +160,11 @@ def test_latent_hook_and_up_to_date(tmp_path: Path, videos: dict[str, Path],
     assert masked.shape == ref.shape == (4, 32, 32)
     assert masked[:, 24, 16].max() == 0 < ref[:, 24, 16].min()  # mouth region masked out
     stamp = (tmp_path / "lat" / "manifest.json").stat().st_mtime_ns
-    again = prepare_avatar(tmp_path, "lat", [videos["mkv"]], analyzer, options,
+    again = prepare_avatar(tmp_path, "lat", [short_video], analyzer, options,
                            latent_encoder=encoder)
-    assert again.up_to_date and encoder.calls == 10
+    assert again.up_to_date and encoder.calls == 4
     assert (tmp_path / "lat" / "manifest.json").stat().st_mtime_ns == stamp
-    forced = prepare_avatar(tmp_path, "lat", [videos["mkv"]], analyzer, options, force=True)
+    forced = prepare_avatar(tmp_path, "lat", [short_video], analyzer, options, force=True)
     assert not forced.up_to_date and "latent_ref_0" not in load_avatar(tmp_path, "lat").extras
 
 
@@ -228,30 +234,62 @@ def test_too_long_and_mismatched_shapes_are_errors(tmp_path: Path, videos: dict[
     _expect_error(tmp_path / "cache", [videos["mkv"], wide], "share one picture shape", analyzer)
 
 
-def test_failed_rewrite_keeps_the_previous_avatar(tmp_path: Path, videos: dict[str, Path],
+def test_failed_rewrite_keeps_the_previous_avatar(tmp_path: Path, short_video: Path,
                                                   analyzer: FaceAnalyzer) -> None:
     options = PrepareOptions(idle_seconds=2.0)
-    prepare_avatar(tmp_path, "keep", [videos["mkv"]], analyzer, options)
+    prepare_avatar(tmp_path, "keep", [short_video], analyzer, options)
     junk = tmp_path.parent / "junk.mkv"
     junk.write_bytes(b"\x1a\x45\xdf\xa3" + os.urandom(4000))
     with pytest.raises(PrepareError):
         prepare_avatar(tmp_path, "keep", [junk], analyzer, options)
     avatar: Avatar = load_avatar(tmp_path, "keep")
-    assert avatar.clips[0].num_frames == 75
+    assert avatar.clips[0].num_frames == 30
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
 
 
-def test_cli_prepare(tmp_path: Path, videos: dict[str, Path],
+def test_cli_prepare(tmp_path: Path, short_video: Path, analyzer: FaceAnalyzer,
                      capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["prepare", "--avatar", "cli", "--avatar-dir", str(tmp_path), "--faces", "haar",
-            "--max-height", "256"]
-    assert main([*args, str(videos["mkv"])]) == 0
+    args = ["prepare", "--avatar", "cli", "--avatar-dir", str(tmp_path), "--max-height", "128"]
+    assert main([*args, str(short_video)]) == 0
     out = capsys.readouterr().out
-    assert "avatar 'cli' (256x256, faces: haar) written to" in out and "frames/s" in out
-    assert load_avatar(tmp_path, "cli").height == 256
-    assert main([*args, str(videos["mkv"])]) == 0
+    assert f"avatar 'cli' (128x128, faces: {analyzer.name}) written to" in out
+    assert "30 frames (30.0" in out and "0 without a face" in out and "frames/s" in out
+    assert load_avatar(tmp_path, "cli").height == 128
+    assert main([*args, str(short_video)]) == 0
     assert "is up to date" in capsys.readouterr().out
     assert main([*args, str(tmp_path / "nope.mp4")]) == 2
     assert "prepare: error: " in capsys.readouterr().err
-    assert main(["prepare", "--avatar", "Bad Id", str(videos["mkv"])]) == 2
+    assert main(["prepare", "--avatar", "Bad Id", str(short_video)]) == 2
     assert "invalid avatar id" in capsys.readouterr().err
+
+
+def test_motion_analysis_on_synthetic_tracks() -> None:
+    from media.default_avatar import _FACE_POINTS_512
+    from media.prepare_motion import analyse_motion, choose_neutral
+
+    n = 110
+    rng = np.random.default_rng(0)
+    still = np.repeat(_FACE_POINTS_512[None], n, axis=0).astype(np.float32)  # (N, 8, 2)
+    # Steady head, then a 1 s sway over frames 50-75; the lips part during 90-100.
+    moving = still.copy()
+    moving[50:75, :, 0] += 12 * np.sin(np.linspace(0, np.pi, 25))[:, None]
+    moving[90:100, 6, 1] += 8.0
+    good = np.ones(n, bool)
+    good[20] = False
+    moving[20] = np.nan
+    m = analyse_motion(moving, good, FPS)
+    rest = {f for a, b in m.rest_segments for f in range(a, b)}
+    assert not m.calm_fallback and 20 not in rest
+    assert set(range(2, 18)) <= rest and set(range(23, 47)) <= rest
+    assert not rest & set(range(52, 73))
+    assert not rest & set(range(92, 98))  # mouth open is not rest
+    assert any(72 <= g <= 82 for g in m.gesture_ends)
+    assert np.isfinite(m.geometry).all()  # frame 20 interpolated
+    # Jitter everywhere: nothing is still, so the calmest second becomes the rest.
+    shaky = (still + rng.normal(0, 2.0, still.shape)).astype(np.float32)
+    s = analyse_motion(shaky, np.ones(n, bool), FPS)
+    assert s.calm_fallback and max(b - a for a, b in s.rest_segments) >= 21
+    clips = [ClipInfo("a", n, rest_segments=m.rest_segments, bad_frames=frozenset({20}))]
+    neutral = choose_neutral(clips, [m], FPS)
+    lo, hi = next((a, b) for a, b in m.rest_segments if a <= neutral.frame < b)
+    assert lo + 10 <= neutral.frame < hi - 10  # room for the idle loop's crossfades
