@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.errors import AgentError, ConfigError
 
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+
+TOKENS_ENV = "AVATAR_AUTH_TOKENS"  # API tokens, separated by commas or whitespace
+SECRET_ENV = "AVATAR_TICKET_SECRET"  # the session ticket key
+
 
 def _serve(args: argparse.Namespace) -> int:
-    from agent.config import load_config
     from agent.server import run_server
+
+    run_server(serve_config(args, os.environ))
+    return 0
+
+
+def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConfig:
+    """The config file (or defaults) with the command line and environment on top."""
+    from agent.config import load_config
 
     config = load_config(args.config)
     overrides: dict[str, object] = {}
@@ -30,8 +47,50 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["logging.format"] = args.log_format
     if args.state_url is not None:
         overrides["server.state_url"] = args.state_url
-    config = config.with_overrides(overrides)
-    run_server(config)
+    overrides.update(_security_overrides(args, environ, config))
+    return config.with_overrides(overrides)
+
+
+def _security_overrides(args: argparse.Namespace, environ: Mapping[str, str],
+                        config: AgentConfig) -> dict[str, object]:
+    out: dict[str, object] = {}
+    tokens = [*args.auth_token, *re.split(r"[\s,]+", environ.get(TOKENS_ENV, "").strip())]
+    tokens = [t for t in tokens if t]
+    if tokens:
+        out["auth.tokens"] = (*config.auth.tokens, *tokens)
+    if args.auth_token_file is not None:
+        out["auth.token_file"] = str(args.auth_token_file)
+    if args.ticket_secret_file is not None:
+        out["auth.ticket_secret_file"] = str(args.ticket_secret_file)
+        out["auth.ticket_secret"] = None
+    elif environ.get(SECRET_ENV) and config.auth.ticket_secret_file is None:
+        out["auth.ticket_secret"] = environ[SECRET_ENV]
+    if args.allowed_origin:
+        out["server.allowed_origins"] = (*config.server.allowed_origins, *args.allowed_origin)
+    if args.tls_cert is not None or args.tls_key is not None:
+        out["server.tls_cert"] = None if args.tls_cert is None else str(args.tls_cert)
+        out["server.tls_key"] = None if args.tls_key is None else str(args.tls_key)
+    if args.trusted_proxy_hops is not None:
+        out["server.trusted_proxy_hops"] = args.trusted_proxy_hops
+    if args.max_sessions_per_token is not None:
+        out["limits.max_sessions_per_token"] = args.max_sessions_per_token
+    return out
+
+
+def _mint_ticket(args: argparse.Namespace) -> int:
+    from agent.auth import mint_ticket, read_secret_file
+
+    if args.ticket_secret_file is not None:
+        secret = read_secret_file(args.ticket_secret_file)
+    elif os.environ.get(SECRET_ENV):
+        secret = os.environ[SECRET_ENV].encode()
+    else:
+        raise ConfigError(f"no key: pass --ticket-secret-file or set {SECRET_ENV}")
+    try:
+        ticket = mint_ticket(secret, args.sub, args.avatar, now=time.time(), ttl_s=args.ttl)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(ticket)
     return 0
 
 
@@ -108,7 +167,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--avatar-dir", type=Path, help="avatar cache folder")
     s.add_argument("--log-format", choices=["json", "console"], help="log line format")
     s.add_argument("--state-url", help="redis://HOST:PORT/DB: share resumable sessions")
+    g = s.add_argument_group("security (docs/security.md)")
+    g.add_argument("--auth-token", action="append", default=[], metavar="TOKEN",
+                   help="accept this API token (repeatable; visible in `ps`: prefer "
+                   f"--auth-token-file or {TOKENS_ENV})")
+    g.add_argument("--auth-token-file", type=Path, metavar="FILE",
+                   help="accept the API tokens in FILE, one per line")
+    g.add_argument("--ticket-secret-file", type=Path, metavar="FILE",
+                   help=f"accept session tickets signed with the key in FILE (or {SECRET_ENV})")
+    g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="browser Origin allowed to open sessions (repeatable; default any)")
+    g.add_argument("--tls-cert", type=Path, metavar="PEM", help="TLS certificate: serve wss://")
+    g.add_argument("--tls-key", type=Path, metavar="PEM", help="TLS private key")
+    g.add_argument("--trusted-proxy-hops", type=int, metavar="N",
+                   help="proxies in front that append X-Forwarded-For (default 0)")
+    g.add_argument("--max-sessions-per-token", type=int, metavar="N",
+                   help="sessions one API token may hold at once (default: no cap)")
     s.set_defaults(func=_serve)
+
+    m = verbs.add_parser("mint-ticket", help="print a short-lived session ticket for a browser")
+    m.add_argument("--sub", required=True, help="who the ticket is for (your user id)")
+    m.add_argument("--avatar", default="*", help="the avatar it may open (default * = any)")
+    m.add_argument("--ttl", type=float, default=300.0, help="seconds it stays valid (300)")
+    m.add_argument("--ticket-secret-file", type=Path, metavar="FILE",
+                   help=f"the key (default: environment variable {SECRET_ENV})")
+    m.set_defaults(func=_mint_ticket)
 
     c = verbs.add_parser("client", help="speak a WAV file as one turn and save the answer")
     c.add_argument("--url", default="ws://127.0.0.1:8765/v1/session", help="server URL")

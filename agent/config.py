@@ -7,17 +7,30 @@ field has a default and a one-line doc; cross-field checks name the values.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.errors import ConfigError
 
 
 class _Config(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# scheme://host[:port], no path: what browsers send in the Origin header.
+_ORIGIN = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 
 
 class ServerConfig(_Config):
@@ -38,6 +51,50 @@ class ServerConfig(_Config):
     state_save_interval_s: float = Field(
         10.0, gt=0, description="How often a live session's resumable state is saved."
     )
+    allowed_origins: tuple[str, ...] = Field(
+        (), description="Browser Origins that may open sessions (403 otherwise); empty: any."
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate chain; serves wss://.")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    trusted_proxy_hops: int = Field(
+        0, ge=0, description="Proxies in front that append X-Forwarded-For; 0 trusts none."
+    )
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+        return tuple(o.lower() for o in value)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return self
+
+
+class AuthConfig(_Config):
+    tokens: tuple[SecretStr, ...] = Field(
+        (), description="Static API tokens; with none and no ticket secret the server runs open."
+    )
+    token_file: Path | None = Field(
+        None, description="File of API tokens, one per line; blank lines and # comments skipped."
+    )
+    ticket_secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key of session tickets (prefer ticket_secret_file)."
+    )
+    ticket_secret_file: Path | None = Field(None, description="File holding the ticket key.")
+    ticket_max_ttl_s: float = Field(
+        3600.0, gt=0, description="Refuse tickets that expire later than this from now."
+    )
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> AuthConfig:
+        if self.ticket_secret is not None and self.ticket_secret_file is not None:
+            raise ValueError("give ticket_secret or ticket_secret_file, not both")
+        return self
 
 
 class LimitsConfig(_Config):
@@ -47,6 +104,42 @@ class LimitsConfig(_Config):
     max_turn_s: float = Field(120.0, gt=0, description="Longest turn of audio accepted.")
     max_queued_turns: int = Field(8, ge=0, description="Turns queued behind the active one.")
     resume_window_s: float = Field(60.0, ge=0, description="How long a lost session can resume.")
+    max_hello_bytes: int = Field(
+        16384, ge=1024, description="Largest message before authentication; bigger closes 1009."
+    )
+    max_pending_hellos: int = Field(
+        256, ge=1, description="Connections waiting to authenticate at once; more get 1013."
+    )
+    audio_realtime_factor: float = Field(
+        10.0, ge=1.0, description="Client audio may arrive at most this many times real time..."
+    )
+    audio_burst_s: float = Field(
+        30.0, ge=0, description="...after a head start of this many seconds of audio."
+    )
+    control_messages_per_s: float = Field(
+        50.0, gt=0, description="Sustained rate of JSON messages from one client."
+    )
+    control_message_burst: int = Field(100, ge=1, description="JSON messages allowed at once.")
+    abuse_strikes: int = Field(
+        20, ge=1, description="Refusals within abuse_window_s that count as abuse (close 1008)."
+    )
+    abuse_window_s: float = Field(10.0, gt=0, description="Window of abuse_strikes.")
+    max_sessions_per_token: int = Field(
+        0, ge=0, description="Sessions one API token holds at once; 0: only server.max_sessions."
+    )
+    max_sessions_per_ticket: int = Field(
+        4, ge=0, description="Sessions one ticket subject (sub) holds at once; 0: no cap."
+    )
+    connections_per_s: float = Field(
+        10.0, gt=0, description="New WebSocket connections per client address, sustained."
+    )
+    connection_burst: int = Field(100, ge=1, description="New connections per address at once.")
+    connection_block_s: float = Field(
+        60.0, ge=0, description="How long an abusive address (strikes) is refused with 1008."
+    )
+    max_send_backlog_s: float = Field(
+        10.0, gt=0, description="A client this far behind reading its stream is closed."
+    )
 
 
 class VideoConfig(_Config):
@@ -129,6 +222,7 @@ class AgentConfig(_Config):
     """The root config."""
 
     server: ServerConfig = Field(default_factory=ServerConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
     timeline: TimelineConfig = Field(default_factory=TimelineConfig)

@@ -22,6 +22,7 @@ import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from agent.auth import ANONYMOUS, Principal
 from agent.errors import (
     AgentError,
     BadRequest,
@@ -29,9 +30,11 @@ from agent.errors import (
     OverloadedError,
     ProtocolError,
     RenderError,
-    ResumeFailed,
+    Timeout,
+    Unauthorized,
     Unsupported,
 )
+from agent.limits import SessionLimiter
 from agent.protocol import (
     SUPPORTED_AUDIO_RATES,
     AudioInfo,
@@ -50,7 +53,6 @@ from agent.protocol import (
     ServerMessage,
     SpeakEnd,
     SpeakStart,
-    TurnDone,
     TurnStarted,
     VideoInfo,
     dump,
@@ -76,7 +78,8 @@ def error_reply(exc: BaseException) -> tuple[Error, CloseCode | None]:
     """The one table from error type to wire error and close code (None: go on)."""
     if isinstance(exc, ProtocolError):
         close = exc.close_code if exc.fatal else None
-        return Error(code=exc.code, message=exc.message, fatal=exc.fatal), close  # type: ignore[arg-type]
+        return Error(code=exc.code, message=exc.message, fatal=exc.fatal,
+                     retry_after_ms=exc.retry_after_ms), close
     if isinstance(exc, OverloadedError):
         return (
             Error(code="overloaded", message=exc.message, fatal=True,
@@ -84,6 +87,20 @@ def error_reply(exc: BaseException) -> tuple[Error, CloseCode | None]:
             CloseCode.OVERLOADED,
         )
     return Error(code="internal", message="internal error", fatal=True), CloseCode.INTERNAL
+
+
+async def close_draining(ws: ServerConnection, code: CloseCode, reason: str) -> None:
+    """Close, reading and dropping what the client still sends meanwhile.
+
+    websockets stops reading the socket while its incoming queue is full, so a
+    client that flooded us would have its close frame stuck behind messages
+    nobody takes, and the close would wait out `close_timeout` (10 s).
+    """
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(ws.close(code, reason))
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in ws:
+                pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,13 +113,16 @@ class OutputFormat:
 
 
 class SessionConnection:
-    def __init__(self, server: AgentServer, ws: ServerConnection) -> None:
+    def __init__(self, server: AgentServer, ws: ServerConnection, address: str) -> None:
         self.server = server
         self.ws = ws
         self.cfg = server.config
+        self.address = address  # the client address limits apply to
         self.session_id = ""
         self.resume_token = ""
-        self.principal = "anonymous"
+        self.principal: Principal = ANONYMOUS
+        self.limiter: SessionLimiter | None = None  # created once hello authenticates
+        self.superseded = False  # a resume took this session over: do not save it
         self.tier = 1
         self.core: SessionCore | None = None
         self.fmt: OutputFormat | None = None
@@ -123,16 +143,23 @@ class SessionConnection:
     # --- lifecycle --------------------------------------------------------
 
     async def run(self) -> None:
+        opened = False
         try:
             hello = await self._await_hello()
             await self._open(hello)
-        except (AgentError, TimeoutError) as exc:
-            if isinstance(exc, TimeoutError):
-                exc = BadRequest("no hello within the time limit", fatal=True)
+            opened = True
+        except TimeoutError:
+            await self._fail(Timeout(f"no hello within {self.cfg.server.hello_timeout_s:g} s",
+                                     fatal=True))
+            return
+        except AgentError as exc:
             await self._fail(exc)
             return
         except ConnectionClosed:
             return
+        finally:
+            if not opened:  # give back a slot taken before the failure
+                self.server.unregister(self)
         structlog.contextvars.bind_contextvars(session_id=self.session_id)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -144,8 +171,8 @@ class SessionConnection:
         except* _SessionEnd:
             pass
         except* Exception as group:
-            for exc in group.exceptions:
-                log.error("session_failed", error=repr(exc), exc_info=exc)
+            for err in group.exceptions:
+                log.error("session_failed", error=repr(err), exc_info=err)
                 self.server.metrics.errors.labels("internal").inc()
             with contextlib.suppress(ConnectionClosed):
                 await self._fail(RuntimeError("internal"))
@@ -156,7 +183,11 @@ class SessionConnection:
         first = await asyncio.wait_for(self.ws.recv(), self.cfg.server.hello_timeout_s)
         if isinstance(first, bytes):
             raise BadRequest("the first message must be hello", fatal=True)
-        msg = parse_client_message(first) if first.lstrip().startswith("{") else None
+        try:
+            msg = parse_client_message(first) if first.lstrip().startswith("{") else None
+        except BadRequest as exc:
+            raise BadRequest(f"the first message must be a valid hello: {exc.message}",
+                             fatal=True) from None
         if not isinstance(msg, Hello):
             raise BadRequest("the first message must be hello", fatal=True)
         return msg
@@ -164,27 +195,32 @@ class SessionConnection:
     async def _open(self, hello: Hello) -> None:
         srv = self.server
         started = time.perf_counter()
+        # Authentication comes first: nothing (slot, avatar, renderer or session
+        # state) is allocated for a client that has not proven who it is.
+        self.principal = srv.authenticate(hello.token, self.ws, self.address)
+        self.ws.protocol.max_message_size = self.cfg.limits.max_message_bytes
         if hello.v != 1:
             raise Unsupported(f"protocol version {hello.v} is not supported (this server: 1)",
                               fatal=True)
-        self.principal = srv.authenticate(hello.token, self.ws)
+        avatar_id = hello.avatar or self._default_avatar()
+        if not self.principal.allows(avatar_id):
+            raise Unauthorized(f"this credential does not grant avatar {avatar_id!r}")
         srv.admit(self)  # raises OverloadedError
-        avatar = srv.avatars.get(hello.avatar or self.cfg.avatars.default)
+        avatar = srv.avatars.get(avatar_id)
         self.fmt = self._negotiate(hello, avatar.fps, avatar.width, avatar.height)
         trace = hello.trace_id or secrets.token_hex(8)
         stored: StoredSession | None = None
         resume_failed: str | None = None
         if hello.resume is not None:
-            stored = await srv.store.load(hello.resume.session)
+            stored, why = await self._claim(hello.resume.session, hello.resume.token, avatar.id)
             if stored is None:
-                resume_failed = "no such session to resume (expired or unknown)"
-            elif not secrets.compare_digest(stored.resume_token, hello.resume.token):
-                resume_failed, stored = "resume token does not match", None
-            elif stored.principal != self.principal or stored.avatar != avatar.id:
-                resume_failed, stored = "session belongs to another principal or avatar", None
+                # One message for every cause: the answer must not tell a guesser
+                # whether the session exists or whose it is. The log says why.
+                resume_failed = ("cannot resume this session (unknown, expired, or opened "
+                                 "with another credential or avatar); starting a new one")
+                log.info("resume_refused", reason=why, principal=self.principal.id)
         if stored is not None:
             self.session_id = stored.session_id
-            await srv.store.delete(stored.session_id)
         else:
             self.session_id = secrets.token_urlsafe(12)
         structlog.contextvars.bind_contextvars(session_id=self.session_id, trace_id=trace)
@@ -208,6 +244,7 @@ class SessionConnection:
         self.core = SessionCore(avatar, timeline, params)
         loop = asyncio.get_running_loop()
         now = loop.time()
+        self.limiter = SessionLimiter(self.cfg.limits, self.fmt.fps, now)
         if stored is not None:
             self.core.restore(stored.state)
             self._started_wall = float(stored.state["started_wall"])
@@ -238,7 +275,39 @@ class SessionConnection:
             srv.metrics.resume_duration.observe(time.perf_counter() - started)
         log.info("session_opened", avatar=avatar.id, codec=self.fmt.codec,
                  width=self.fmt.width, height=self.fmt.height, rate=self.fmt.rate,
-                 resumed=stored is not None, principal=self.principal)
+                 resumed=stored is not None, principal=self.principal.id)
+
+    def _default_avatar(self) -> str:
+        """hello named no avatar: a ticket for one avatar means that one."""
+        scope = self.principal.avatar
+        return self.cfg.avatars.default if scope == "*" else scope
+
+    async def _claim(self, session_id: str, token: str, avatar_id: str
+                     ) -> tuple[StoredSession | None, str]:
+        """Take a stored session over for a resume: right token (constant-time
+        compare), same principal, same avatar. The stored entry is deleted, so
+        the token cannot be used twice; a live connection still holding the
+        session (its client lost it without the server noticing) is closed."""
+        stored = await self.server.store.load(session_id)
+        if stored is None:
+            return None, "unknown or expired"
+        given = token.encode("utf-8", "surrogatepass")  # JSON may carry lone surrogates
+        if not secrets.compare_digest(stored.resume_token.encode(), given):
+            return None, "wrong token"
+        if stored.principal != self.principal.id:
+            return None, "another principal"
+        if stored.avatar != avatar_id:
+            return None, "another avatar"
+        await self.server.store.delete(session_id)
+        live = self.server.sessions.get(session_id)
+        if live is not None and live is not self:
+            live.superseded = True
+            try:
+                await asyncio.wait_for(
+                    live.close(CloseCode.POLICY, "session resumed on another connection"), 1.0)
+            except TimeoutError:
+                live.ws.transport.abort()  # a lost client never answers the close handshake
+        return stored, "ok"
 
     def _negotiate(self, hello: Hello, fps: int, width: int, height: int) -> OutputFormat:
         v = self.cfg.video
@@ -263,7 +332,7 @@ class SessionConnection:
         srv = self.server
         if self.core is not None:
             srv.engine.cancel(self.session_id)
-            if not self._bye:
+            if not self._bye and not self.superseded:
                 with contextlib.suppress(Exception):
                     await srv.store.save(self._stored(), self.cfg.limits.resume_window_s)
         for fut in self._renders:
@@ -284,7 +353,7 @@ class SessionConnection:
             audio_seq=seq[MediaKind.AUDIO],
             tier=self.tier,
         )
-        return StoredSession(self.session_id, self.resume_token, self.principal,
+        return StoredSession(self.session_id, self.resume_token, self.principal.id,
                              self.core.avatar.id, state)
 
     async def close(self, code: CloseCode, reason: str) -> None:
@@ -299,7 +368,7 @@ class SessionConnection:
                                               else "protocol").inc()
         with contextlib.suppress(ConnectionClosed):
             await self._send_now(reply)
-            await self.ws.close(close or CloseCode.POLICY, reply.message[:120])
+            await close_draining(self.ws, close or CloseCode.POLICY, reply.message[:120])
 
     async def _send_now(self, msg: ServerMessage) -> None:
         await self.ws.send(dump(msg))
@@ -307,29 +376,41 @@ class SessionConnection:
     # --- reader -----------------------------------------------------------
 
     async def _reader(self) -> None:
+        limiter = self.limiter
+        assert limiter is not None
+        loop = asyncio.get_running_loop()
         async for data in self.ws:
             try:
-                if isinstance(data, bytes):
-                    self._on_binary(data)
-                else:
-                    await self._on_text(data)
+                try:
+                    if isinstance(data, bytes):
+                        self._on_binary(data, loop.time())
+                    else:
+                        limiter.control(loop.time())
+                        await self._on_text(data)
+                except ProtocolError as exc:
+                    if not exc.fatal:
+                        limiter.refused(loop.time())  # sustained refusals: fatal
+                    raise
             except ProtocolError as exc:
                 reply, close = error_reply(exc)
                 self.server.metrics.errors.labels("protocol").inc()
                 log.info("protocol_error", code=exc.code, message=exc.message, fatal=exc.fatal)
                 await self._send_now(reply)
                 if close is not None:
-                    await self.ws.close(close, exc.message[:120])
+                    await close_draining(self.ws, close, exc.message[:120])
                     raise _SessionEnd() from None
             if self._bye:
                 raise _SessionEnd()
         raise _SessionEnd()
 
-    def _on_binary(self, data: bytes) -> None:
-        assert self.core is not None
+    def _on_binary(self, data: bytes, now: float) -> None:
+        assert self.core is not None and self.limiter is not None and self.fmt is not None
         header, payload = unpack_media(data)
         if header.kind != MediaKind.AUDIO:
             raise BadRequest("clients send audio frames only (kind 2)")
+        if len(payload) % 2:
+            raise BadRequest(f"audio payload of {len(payload)} bytes is not whole s16 samples")
+        self.limiter.audio(len(payload) // 2, self.fmt.rate, now)
         samples = pcm16_to_float(payload)
         turn = self.core.open_turn
         self.core.on_audio(samples)
@@ -440,7 +521,7 @@ class SessionConnection:
         return slot * 1_000_000 // self.fmt.fps
 
     async def _playout(self) -> None:
-        assert self.fmt is not None
+        assert self.fmt is not None and self.limiter is not None
         loop = asyncio.get_running_loop()
         lead = self.cfg.video.send_lead_s
         save_every = max(int(self.cfg.server.state_save_interval_s * self.fmt.fps), 1)
@@ -452,10 +533,19 @@ class SessionConnection:
             await self._produce_slot()
             self._slot += 1
             self._submit_chunks()
-            if self._slot % save_every == 0 and self.core is not None and self.core.idle:
+            if (self._slot % save_every == 0 and self.core is not None and self.core.idle
+                    and not self.superseded):
                 # Between turns: a crash of this instance can resume from here.
                 await self.server.store.save(self._stored_light(),
                                              self.cfg.limits.resume_window_s)
+            try:
+                self.limiter.backlog(len(self.sendbuf))
+            except Timeout as exc:
+                # No error message: a client that reads nothing would not get it.
+                log.warning("client_not_reading", queued=len(self.sendbuf))
+                self.server.metrics.slow_consumer_events.labels("closed").inc()
+                await self.ws.close(CloseCode.POLICY, exc.message[:120])
+                raise _SessionEnd() from None
 
     async def _produce_slot(self) -> None:
         core, fmt = self.core, self.fmt
@@ -507,7 +597,9 @@ class SessionConnection:
             self.server.metrics.turns.labels("completed").inc()
             self.server.metrics.turn_duration.observe(done.frames / fmt.fps)
             log.info("turn_done", turn_id=done.turn, frames=done.frames)
-            await self.server.store.save(self._stored_light(), self.cfg.limits.resume_window_s)
+            if not self.superseded:
+                await self.server.store.save(self._stored_light(),
+                                             self.cfg.limits.resume_window_s)
         self._send_ready.set()
 
     def _stored_light(self) -> StoredSession:
@@ -522,7 +614,7 @@ class SessionConnection:
             "audio_seq": seq[MediaKind.AUDIO],
             "tier": self.tier,
         }
-        return StoredSession(self.session_id, self.resume_token, self.principal,
+        return StoredSession(self.session_id, self.resume_token, self.principal.id,
                              self.core.avatar.id, state)
 
     async def _encode(self, frame: Frame, *, force: bool) -> EncodedFrame:

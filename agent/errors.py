@@ -36,10 +36,11 @@ class ProtocolError(AgentError):
     code = "bad_request"
     close_code = CloseCode.POLICY
 
-    def __init__(self, message: str, *, fatal: bool = False) -> None:
+    def __init__(self, message: str, *, fatal: bool = False, retry_after_ms: int = 0) -> None:
         super().__init__(message)
         self.message = message
         self.fatal = fatal
+        self.retry_after_ms = retry_after_ms
 
 
 class BadRequest(ProtocolError):
@@ -49,8 +50,8 @@ class BadRequest(ProtocolError):
 class Unauthorized(ProtocolError):
     code = "unauthorized"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, fatal=True)
+    def __init__(self, message: str, retry_after_ms: int = 0) -> None:
+        super().__init__(message, fatal=True, retry_after_ms=retry_after_ms)
 
 
 class Unsupported(ProtocolError):
@@ -63,6 +64,12 @@ class NotFound(ProtocolError):
 
 class ResumeFailed(ProtocolError):
     code = "resume_failed"
+
+
+class Timeout(ProtocolError):
+    """The client did not do something in time (hello, reading its stream)."""
+
+    code = "timeout"
 
 
 class MessageTooBig(ProtocolError):

@@ -24,6 +24,9 @@ ERROR_TYPES = ("model_timeout", "gpu_oom", "model_error", "validation", "encode"
                "auth", "internal")
 PRIORITIES = ("in_turn", "turn_start", "speculative")
 TIERS = ("1", "2", "3")
+# Admission refusals by the security limits (agent/limits.py, agent/auth.py).
+SECURITY_REJECTIONS = ("principal_sessions", "connection_rate", "blocked", "pending_hellos",
+                       "origin")
 
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 TTFF_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -112,7 +115,8 @@ class Metrics:
             self.chunks.labels(o)
         for o in ("completed", "interrupted", "failed"):
             self.turns.labels(o)
-        for reason in ("max_sessions", "draining", "frame_budget", "gpu_memory"):
+        for reason in ("max_sessions", "draining", "frame_budget", "gpu_memory",
+                       *SECURITY_REJECTIONS):
             self.admission_rejections.labels(reason)
         self.degradation_tier.set(1)
 

@@ -13,8 +13,10 @@ import contextlib
 import http
 import json
 import os
+import re
 import signal
 import socket
+import ssl
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,12 +28,22 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from agent.auth import (
+    Principal,
+    authenticator_from_config,
+    bearer_token,
+    client_address,
+    origin_allowed,
+    world_readable,
+)
 from agent.avatars import AvatarRegistry
 from agent.config import AgentConfig
-from agent.connection import SessionConnection
+from agent.connection import SessionConnection, close_draining, error_reply
 from agent.engine import ChunkOutcome, Engine
-from agent.errors import CloseCode, OverloadedError, Unauthorized
+from agent.errors import AgentError, CloseCode, ConfigError, OverloadedError, Unauthorized
+from agent.limits import ConnectionLimiter, SessionQuota
 from agent.metrics import Metrics
+from agent.protocol import dump
 from agent.renderers import build_renderer
 from agent.scheduler import ChunkScheduler
 from media.avatar import Avatar
@@ -51,6 +63,11 @@ class AgentServer:
                  store: SessionStore | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.auth = authenticator_from_config(config.auth)  # raises ConfigError
+        self.connections = ConnectionLimiter.from_config(config.limits)
+        self.quota = SessionQuota.from_config(config.limits)
+        self._quota_held: dict[SessionConnection, Principal] = {}
+        self._awaiting_hello: set[ServerConnection] = set()
         self.avatars = AvatarRegistry(config.avatars)
         self.renderer: Renderer = renderer or build_renderer(config, self.avatars)
         caps = self.renderer.capabilities
@@ -80,11 +97,13 @@ class AgentServer:
         cfg = self.config.server
         if isinstance(self.store, RedisSessionStore):
             await self.store.ping()
+        tls = _tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert and cfg.tls_key else None
         self.engine.start()
         self._server = await serve(
             self._handle,
             cfg.host,
             cfg.port,
+            ssl=tls,
             process_request=self._process_request,
             process_response=self._process_response,
             compression=None,  # media is already compressed; per-message deflate costs CPU
@@ -93,6 +112,7 @@ class AgentServer:
             ping_timeout=cfg.ping_timeout_s,
             server_header="avatar-agent",
         )
+        self._announce_auth()
         self._warm_task = asyncio.create_task(self._warmup(), name="warmup")
 
     @property
@@ -103,7 +123,22 @@ class AgentServer:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.config.server.host}:{self.port}{SESSION_PATH}"
+        scheme = "wss" if self.config.server.tls_cert else "ws"
+        return f"{scheme}://{self.config.server.host}:{self.port}{SESSION_PATH}"
+
+    def _announce_auth(self) -> None:
+        a = self.config.auth
+        if self.auth.open:
+            log.warning("auth_disabled", message="NO AUTHENTICATION: any client that reaches "
+                        f"{self.config.server.host}:{self.port} can open sessions; pass "
+                        "--auth-token, --auth-token-file or --ticket-secret-file")
+        else:
+            log.info("auth_enabled", tokens=len(a.tokens) + (1 if a.token_file else 0),
+                     tickets=self.auth.accepts_tickets)
+        for path in (a.token_file, a.ticket_secret_file):
+            if path is not None and world_readable(path):
+                log.warning("secret_file_world_readable", path=str(path),
+                            message="other users can read it; chmod 600")
 
     async def _warmup(self) -> None:
         started = time.perf_counter()
@@ -165,28 +200,40 @@ class AgentServer:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
         await self.start()
-        print(f"avatar agent listening on {self.url}  (health: http://"
+        http_scheme = "https" if self.config.server.tls_cert else "http"
+        print(f"avatar agent listening on {self.url}  (health: {http_scheme}://"
               f"{self.config.server.host}:{self.port}/readyz)", flush=True)
+        if self.auth.open:
+            print("WARNING: authentication is OFF: anyone who can reach this port can open "
+                  "sessions. Pass --auth-token/--auth-token-file or --ticket-secret-file "
+                  "(see docs/security.md).", file=sys.stderr, flush=True)
         await stop.wait()
         await self.drain()
         await self.close()
 
     # --- sessions ---------------------------------------------------------
 
-    def authenticate(self, token: str | None, ws: ServerConnection) -> str:
-        """The principal for a token; the server runs open when no token is configured."""
-        tokens = getattr(self.config.server, "auth_tokens", ())
-        if not tokens:
-            return "anonymous"
+    def authenticate(self, token: str | None, ws: ServerConnection, address: str) -> Principal:
+        """The principal for hello's token or else the Authorization header.
+
+        Runs before anything is allocated for the session; a failure counts
+        against the client's address (repeated failures block it).
+        """
         if token is None and ws.request is not None:
-            header = ws.request.headers.get("Authorization", "")
-            if header.startswith("Bearer "):
-                token = header[7:]
-        if token is None or token not in tokens:
-            raise Unauthorized("missing or invalid token")
-        return "token:" + token[:4]
+            headers = ws.request.headers.get_all("Authorization")
+            token = bearer_token(headers[0]) if len(headers) == 1 else None
+        try:
+            principal = self.auth.authenticate(token, time.time())
+        except Unauthorized:
+            if self.connections.strike(address, time.monotonic()):
+                log.warning("address_blocked", address=address, reason="failed authentication",
+                            seconds=self.config.limits.connection_block_s)
+            raise
+        self._awaiting_hello.discard(ws)
+        return principal
 
     def admit(self, conn: SessionConnection) -> None:
+        """Take a session slot (instance and principal); `unregister` gives it back."""
         if self.draining:
             self.metrics.admission_rejections.labels("draining").inc()
             raise OverloadedError("server is draining; connect to another instance", 1000)
@@ -194,6 +241,12 @@ class AgentServer:
             self.metrics.admission_rejections.labels("max_sessions").inc()
             raise OverloadedError(
                 f"session limit of {self.config.server.max_sessions} reached", 2000)
+        if not self.quota.acquire(conn.principal):
+            self.metrics.admission_rejections.labels("principal_sessions").inc()
+            raise OverloadedError(
+                f"this credential already holds {self.quota.cap(conn.principal)} sessions, "
+                "its limit; close one first", PRINCIPAL_RETRY_MS)
+        self._quota_held[conn] = conn.principal
         self._pending.add(conn)
 
     def register(self, conn: SessionConnection) -> None:
@@ -202,7 +255,11 @@ class AgentServer:
         self.metrics.active_sessions.set(len(self.sessions))
 
     def unregister(self, conn: SessionConnection) -> None:
+        """Idempotent: also called for connections that failed before `register`."""
         self._pending.discard(conn)
+        principal = self._quota_held.pop(conn, None)
+        if principal is not None:
+            self.quota.release(principal)
         if self.sessions.get(conn.session_id) is conn:
             del self.sessions[conn.session_id]
         self.metrics.active_sessions.set(len(self.sessions))
@@ -228,7 +285,49 @@ class AgentServer:
         return await asyncio.shield(fut)
 
     async def _handle(self, ws: ServerConnection) -> None:
-        await SessionConnection(self, ws).run()
+        """Connection-level checks, then the session. Nothing is allocated for a
+        session before its hello authenticates (`SessionConnection._open`)."""
+        address = self._client_address(ws)
+        refusal = self._refuse_connection(ws, address)
+        if refusal is not None:
+            reply, close = error_reply(refusal)
+            with contextlib.suppress(Exception):
+                await ws.send(dump(reply))
+                await close_draining(ws, close or CloseCode.POLICY, reply.message[:120])
+            return
+        self._awaiting_hello.add(ws)
+        try:
+            await SessionConnection(self, ws, address).run()
+        finally:
+            self._awaiting_hello.discard(ws)
+
+    def _refuse_connection(self, ws: ServerConnection, address: str) -> AgentError | None:
+        verdict = self.connections.admit(address, time.monotonic())
+        retry_ms = max(int(verdict.retry_after_s * 1000), 1)
+        if verdict.blocked:
+            self.metrics.admission_rejections.labels("blocked").inc()
+            self.metrics.errors.labels("auth").inc()
+            if verdict.new_block:
+                log.warning("address_blocked", address=address, reason="connection rate",
+                            seconds=self.config.limits.connection_block_s)
+            return Unauthorized("too many refused connections or failed authentications "
+                                "from this address; blocked for now", retry_ms)
+        if not verdict.allowed:
+            self.metrics.admission_rejections.labels("connection_rate").inc()
+            return OverloadedError(f"more than {self.config.limits.connections_per_s:g} new "
+                                   "connections a second from this address", retry_ms)
+        if len(self._awaiting_hello) >= self.config.limits.max_pending_hellos:
+            self.metrics.admission_rejections.labels("pending_hellos").inc()
+            return OverloadedError("too many connections waiting to authenticate", 1000)
+        return None
+
+    def _client_address(self, ws: ServerConnection) -> str:
+        peer = ws.remote_address[0] if ws.remote_address else "unknown"
+        hops = self.config.server.trusted_proxy_hops
+        forwarded = None
+        if hops and ws.request is not None:
+            forwarded = ",".join(ws.request.headers.get_all("X-Forwarded-For")) or None
+        return client_address(str(peer), forwarded, hops)
 
     def _on_chunk(self, outcome: ChunkOutcome) -> None:
         m = self.metrics
@@ -253,6 +352,13 @@ class AgentServer:
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == SESSION_PATH:
+            origins = request.headers.get_all("Origin")
+            allowed = self.config.server.allowed_origins
+            if len(origins) > 1 or not origin_allowed(origins[0] if origins else None, allowed):
+                self.metrics.admission_rejections.labels("origin").inc()
+                return _respond(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n", "text/plain")
+            # Until hello authenticates, a message may only be hello-sized.
+            ws.protocol.max_message_size = self.config.limits.max_hello_bytes
             return None  # WebSocket handshake
         if path == "/healthz":
             return _respond(http.HTTPStatus.OK, b"ok\n", "text/plain")
@@ -279,25 +385,51 @@ def _make_store(config: AgentConfig) -> SessionStore:
     return MemorySessionStore(time.monotonic)
 
 
+PRINCIPAL_RETRY_MS = 5000  # a session of the same credential may end by then
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8"}
+_STATIC_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.(html|js|css)")
 
 
-def _static_file(path: str) -> tuple[bytes, str] | None:
-    """The browser client's files; only names that exist directly in agent/web."""
-    name = "index.html" if path == "/" else path.removeprefix("/web/")
-    if "/" in name or name.startswith(".") or not WEB_DIR.is_dir():
+def _static_file(path: str, root: Path = WEB_DIR) -> tuple[bytes, str] | None:
+    """The browser client's files: plain names of regular files directly in `root`.
+
+    The name is matched before the file system is asked (no separators, dots
+    only between name parts, no percent escapes), and the resolved file must
+    still be in `root` (no symlink out).
+    """
+    if path == "/":
+        name = "index.html"
+    elif path.startswith("/web/"):
+        name = path.removeprefix("/web/")
+    else:
         return None
-    candidate = WEB_DIR / name
-    if candidate.suffix not in _TYPES or not candidate.is_file():
+    if not _STATIC_NAME.fullmatch(name):
         return None
-    return candidate.read_bytes(), _TYPES[candidate.suffix]
+    candidate = root / name
+    try:
+        if candidate.resolve(strict=True).parent != root.resolve() or not candidate.is_file():
+            return None
+        return candidate.read_bytes(), _TYPES[candidate.suffix]
+    except OSError:
+        return None
 
 
 def _respond(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
     headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
-                       ("Cache-Control", "no-store")])
+                       ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")])
     return Response(status.value, status.phrase, headers, body)
+
+
+def _tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """Server TLS: the stdlib's secure defaults, TLS 1.2 at least."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate {cert} / key {key}: {exc}") from None
+    return ctx
 
 
 def tune_process() -> None:
