@@ -90,6 +90,13 @@ class PrepareOptions:
     max_seconds: float = 120.0  # all clips together
     idle_seconds: float = IDLE_MIN_SECONDS
 
+    def __post_init__(self) -> None:
+        if self.fps <= 0 or self.max_height < 64 or self.max_seconds <= 0:
+            raise PrepareError(
+                f"need fps > 0, max height >= 64 and max seconds > 0; got fps={self.fps}, "
+                f"max_height={self.max_height}, max_seconds={self.max_seconds}"
+            )
+
 
 @dataclass(frozen=True, slots=True)
 class ClipReport:
@@ -128,7 +135,11 @@ class VideoProbe:
 
 
 def probe_video(path: Path) -> VideoProbe:
-    """Size and duration from the headers; PrepareError for unreadable files and huge videos."""
+    """Size (as displayed) and duration; PrepareError for unreadable files and huge videos.
+
+    The first frame is decoded too: it tells the display rotation and proves
+    the stream decodes before any long work starts.
+    """
     if not path.is_file():
         raise PrepareError(f"{path}: no such file")
     try:
@@ -137,20 +148,22 @@ def probe_video(path: Path) -> VideoProbe:
                 raise PrepareError(f"{path}: no video stream")
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height
+            if width * height > MAX_SOURCE_PIXELS:
+                raise PrepareError(
+                    f"{path}: {width}x{height} is larger than 3840x2160; downscale it first "
+                    "(for example ffmpeg -i IN -vf scale=-2:1080 OUT)"
+                )
             seconds = 0.0
             if stream.duration is not None and stream.time_base is not None:
                 seconds = float(stream.duration * stream.time_base)
             elif container.duration is not None:
                 seconds = container.duration / 1e6
+            first = next(iter(container.decode(stream)), None)
     except av.error.FFmpegError as exc:
         raise PrepareError(f"{path}: not a readable video ({exc.strerror or exc})") from None
-    if width <= 0 or height <= 0:
-        raise PrepareError(f"{path}: video stream has no picture size")
-    if width * height > MAX_SOURCE_PIXELS:
-        raise PrepareError(
-            f"{path}: {width}x{height} is larger than 3840x2160; downscale it first "
-            "(for example ffmpeg -i IN -vf scale=-2:1080 OUT)"
-        )
+    if first is None:
+        raise PrepareError(f"{path}: no frame could be decoded")
+    height, width = _picture(first).shape[:2]
     return VideoProbe(path, width, height, seconds)
 
 
@@ -384,6 +397,12 @@ def prepare_avatar(
                 f"{p.path} is {p.width}x{p.height} but {first.path} is "
                 f"{first.width}x{first.height}: the clips of one avatar share one picture shape"
             )
+    total = sum(p.seconds for p in probes)
+    if total > options.max_seconds + 1.0:
+        raise PrepareError(
+            f"the videos are {total:.1f} s together, longer than {options.max_seconds:g} s; "
+            "trim them or raise --max-seconds"
+        )
     size = _stored_size(first.width, first.height, options.max_height)
     inputs = _input_hash(probes, options, analyzer.name, latent_encoder)
     if not force and _cached_inputs(root, avatar_id) == inputs:

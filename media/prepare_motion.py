@@ -3,7 +3,8 @@
 Speeds are in eye distances per frame at the avatar rate, so one set of
 thresholds holds at any resolution and face size. Head speed combines the
 motion of the eyes-and-nose centre, the change of scale and of roll, and is
-averaged over a few frames so that landmark jitter does not count as motion.
+measured on positions averaged over a few frames so that landmark jitter
+does not count as motion.
 "Mouth closed" is relative to the clip's own most-closed state (its 10th
 percentile of lip gap), since people rest with their lips apart or teeth
 showing.
@@ -22,14 +23,16 @@ from media.avatar import FACE_POINTS, ClipInfo
 from media.types import SourceRef
 from sessions.idle_loop import IDLE_BLEND_S
 
-REST_SPEED = 0.012  # head still below this
-GESTURE_SPEED = 0.03  # a gesture is faster than this
-GESTURE_END_SPEED = 0.015  # and ends where it stays slower than this for GESTURE_HOLD_S
+# dlib's landmarks on a still face measure under 0.003; Haar's template points
+# jitter up to 0.03, so with Haar rest is mostly the calmest-window fallback.
+REST_SPEED = 0.008  # head still below this
+GESTURE_SPEED = 0.016  # a gesture is faster than this
+GESTURE_END_SPEED = 0.008  # and ends where it stays slower than this for GESTURE_HOLD_S
 GESTURE_HOLD_S = 0.16
 REST_MIN_S = 0.4
 MOUTH_CLOSED = 0.05  # lip gap above the clip's most closed, in eye distances
 CALM_WINDOW_S = 1.0  # rest window taken when nothing is still enough
-_SPEED_WINDOW = 5  # frames averaged
+_POSE_WINDOW = 9  # frames the head pose is averaged over (centred) before differencing
 
 _P = {name: i for i, name in enumerate(FACE_POINTS)}
 
@@ -55,17 +58,21 @@ def analyse_motion(points: npt.NDArray[np.float32], good: npt.NDArray[np.bool_],
     iod = np.maximum(np.hypot(d[:, 0], d[:, 1]), 1e-3)  # (N,)
     roll = np.arctan2(d[:, 1], d[:, 0])
     centre = geometry[:, [_P["left_eye"], _P["right_eye"], _P["nose_tip"]]].mean(axis=1)
+    # Positions are averaged before differencing: landmark jitter cancels in the
+    # average, while averaging per-frame step lengths would keep it.
+    pose = np.column_stack([centre, np.log(iod), roll])  # (N, 4)
+    pose = np.column_stack([_moving_average(pose[:, k], _POSE_WINDOW) for k in range(4)])
     step = np.zeros(n)
     if n > 1:
         step[1:] = (
-            np.hypot(*(np.diff(centre, axis=0).T)) / iod[1:]
-            + np.abs(np.diff(np.log(iod)))
-            + np.abs(np.diff(roll))
+            np.hypot(*(np.diff(pose[:, :2], axis=0).T)) / iod[1:]
+            + np.abs(np.diff(pose[:, 2]))
+            + np.abs(np.diff(pose[:, 3]))
         )
         step[0] = step[1]
-    bad_near = np.convolve((~good).astype(float), np.ones(2), mode="full")[:n] > 0  # f or f-1 bad
-    speed = _moving_average(np.where(bad_near, 0.0, step), _SPEED_WINDOW)
-    speed[bad_near] = np.inf
+    # Frames whose average reaches a bad frame (interpolated points) are not measured.
+    bad_near = np.convolve((~good).astype(float), np.ones(_POSE_WINDOW + 1), mode="same") > 0
+    speed = np.where(bad_near, np.inf, step)
     gap = (geometry[:, _P["lower_lip"], 1] - geometry[:, _P["upper_lip"], 1]) / iod
     closed = float(np.percentile(gap[good], 10)) if good.any() else 0.0
     mouth_gap = np.maximum(gap - closed, 0.0)
