@@ -10,7 +10,8 @@ Rows per input size:
   baseline every other row includes).
 - `track <analyzer>`: decode + face tracking with landmarks, per analyzer.
 - `prepare <analyzer>`: the whole `prepare_avatar` (tracking, alignment, 256
-  and 512 px crops, paste-back masks, motion analysis, atomic write).
+  and 512 px crops, paste-back masks, motion analysis, atomic write), run in
+  a fresh process whose peak RSS is shown.
 Then for the prepared avatar: load time, RSS growth on load and after reading
 every frame once (frames are memory-mapped: that growth is page cache that
 the kernel may reclaim), size on disk; and the paste-back of one generated
@@ -20,7 +21,9 @@ crop into one frame (per output frame at run time).
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -36,7 +39,12 @@ from bench.machine import describe, proc_rss_bytes  # noqa: E402
 from media.avatar_cache import load_avatar  # noqa: E402
 from media.face import FaceModelUnavailable, FaceTracker, make_face_analyzer  # noqa: E402
 from media.face_align import paste_back  # noqa: E402
-from media.prepare import FaceCache, PrepareOptions, prepare_avatar, read_frames  # noqa: E402
+from media.prepare import (  # noqa: E402
+    FaceCache,
+    PrepareOptions,
+    prepare_avatar,
+    read_frames,
+)
 from media.types import SourceRef  # noqa: E402
 from tests.videoutil import astronaut, frame_at, write_video  # noqa: E402
 
@@ -55,6 +63,25 @@ def make_video(path: Path, seconds: float, size: int) -> Path:
             picture = canvas
         frames.append(np.ascontiguousarray(picture))
     return write_video(path, frames, 30, "mp4")
+
+
+def _prepare_child(root: Path, video: Path, analyzer_name: str, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    analyzer = make_face_analyzer(analyzer_name)
+    t0 = time.perf_counter()
+    report = prepare_avatar(root, "bench", [video], analyzer, PrepareOptions())
+    seconds = time.perf_counter() - t0
+    out.put((report.frames, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def prepare_in_child(root: Path, video: Path, analyzer_name: str) -> tuple[int, float, float]:
+    """(frames, seconds, peak RSS MB) of one prepare_avatar in a fresh process."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_prepare_child, args=(root, video, analyzer_name, queue))
+    proc.start()
+    result: tuple[int, float, float] = queue.get()
+    proc.join()
+    return result
 
 
 def rate(frames: int, seconds: float) -> str:
@@ -93,11 +120,9 @@ def main() -> None:
                       f"{dt / n * 1e3:9.2f}  ({found}/{n} with a face)")
             for analyzer in analyzers:
                 root = work / f"cache_{size}_{analyzer.name}"
-                t0 = time.perf_counter()
-                report = prepare_avatar(root, "bench", [video], analyzer, PrepareOptions())
-                dt = time.perf_counter() - t0
-                print(f"{label:>10} {'prepare ' + analyzer.name:>20} {rate(report.frames, dt)} "
-                      f"{dt / report.frames * 1e3:9.2f}")
+                frames, dt, peak = prepare_in_child(root, video, analyzer.name)
+                print(f"{label:>10} {'prepare ' + analyzer.name:>20} {rate(frames, dt)} "
+                      f"{dt / frames * 1e3:9.2f}  (peak RSS {peak:.0f} MB)")
                 prepared[size] = root
         print(f"\n{'avatar':>10} {'load ms':>8} {'RSS +MB load':>13} {'+MB all frames':>15} "
               f"{'disk MB':>8} {'paste 256 ms':>13} {'paste 512 ms':>13}")

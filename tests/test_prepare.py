@@ -265,6 +265,8 @@ def test_cli_prepare(tmp_path: Path, short_video: Path, analyzer: FaceAnalyzer,
     assert "prepare: error: " in capsys.readouterr().err
     assert main(["prepare", "--avatar", "Bad Id", str(short_video)]) == 2
     assert "invalid avatar id" in capsys.readouterr().err
+    assert main(["prepare", "--avatar", "default", str(short_video)]) == 2
+    assert "built-in avatar" in capsys.readouterr().err
 
 
 def test_motion_analysis_on_synthetic_tracks() -> None:
