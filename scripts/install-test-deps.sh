@@ -8,6 +8,7 @@ command -v redis-server >/dev/null || want+=(redis-server)
 command -v nginx >/dev/null || want+=(nginx-light)
 command -v chromium >/dev/null || want+=(chromium)
 command -v espeak-ng >/dev/null || want+=(espeak-ng)
+[[ -d /usr/share/dlib ]] || want+=(libdlib-data)
 # CRD schemas for the deploy/ checks (npm registry).
 if command -v npm >/dev/null && [[ ! -d deploy/validate/node_modules ]]; then
   npm ci --prefix deploy/validate --no-audit --no-fund --loglevel=error >/dev/null 2>&1 || \
