@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
+import torch
 
 from agent.config import CpuRendererConfig, DefaultAvatarConfig
 from agent.errors import RenderError
@@ -39,6 +40,7 @@ from media.types import (
     SourceRef,
     samples_per_frame,
 )
+from tests.latentsyncutil import tiny_renderer
 
 pytestmark = pytest.mark.unit
 
@@ -57,6 +59,11 @@ class RendererCase:
     silence_tolerance: float = 0.0  # mean |rendered - source| allowed around a silent mouth
 
 
+def make_tiny_latentsync(avatars: Avatars) -> Renderer:
+    # Tiny UNet and Whisper (fixture weights) and a tiny random VAE on the CPU, 64 px crops.
+    return tiny_renderer(avatars)
+
+
 CASES = [
     pytest.param(
         RendererCase(
@@ -64,7 +71,21 @@ CASES = [
         ),
         id="cpu",
     ),
+    pytest.param(
+        RendererCase("latentsync-tiny", make_tiny_latentsync, chunking_invariant=False,
+                     mouth_follows_audio=False, silence_tolerance=255.0),
+        id="latentsync-tiny",
+    ),
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    # Tiny torch models gain nothing from intra-op threads on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

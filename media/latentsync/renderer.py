@@ -1,0 +1,391 @@
+"""The LatentSync renderer: `media.types.Renderer` over the lip-sync diffusion model.
+
+`render(batch)` runs, for up to `max_batch` chunks at once:
+validate -> audio conditioning -> face latents (cached per avatar) -> DDIM with
+guidance (one UNet call of 2B per step) -> VAE decode -> paste-back, under
+`torch.inference_mode()`. A chunk of fewer than 16 frames is padded with its
+last frame and the padding dropped after the UNet. Blends mix the masked and
+reference latents (and the affines) of both source frames and the paste-back
+background in pixel space. Non-speech frames are conditioned on silence.
+
+Weights come from `config.checkpoint_dir` (never downloaded):
+`latentsync_unet.pt` (v1.5 for 256 px, v1.6 for 512 px; the architecture is the
+packaged `configs/stage2*.json`), `whisper/tiny.pt` and `sd-vae-ft-mse/`.
+Calls are serialised (one GPU stream); stage times are those of the batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from agent.config import LatentSyncConfig
+from agent.errors import ConfigError, GpuOutOfMemory, NotFound, RenderError
+from media.avatar import Avatar
+from media.latentsync.audio_features import AudioFeatureExtractor, required_samples
+from media.latentsync.checkpoint import load_unet
+from media.latentsync.config import UNetConfig
+from media.latentsync.face import (
+    AvatarFaces,
+    CropMasks,
+    FaceInputs,
+    blend_inputs,
+    crop_masks,
+    paste_faces,
+)
+from media.latentsync.pipeline import (
+    CHUNK_FRAMES,
+    AudioRequest,
+    ChunkDenoiser,
+    LatentSyncModels,
+    NoisePredictor,
+    Scheduler,
+    audio_conditioning,
+    chunk_audio,
+    make_scheduler,
+)
+from media.latentsync.vae import SD_VAE_SHAPE, LatentCodec, VaeShape, find_vae, load_vae
+from media.latentsync.whisper import load_whisper_encoder
+from media.types import Frames, FrameSpec, RenderChunk, RendererCapabilities, RenderResult
+
+UNET_FILE = "latentsync_unet.pt"
+WHISPER_FILE = Path("whisper") / "tiny.pt"
+CONFIG_DIR = Path(__file__).with_name("configs")
+ARCHITECTURES = {256: "stage2.json", 512: "stage2_512.json"}  # LatentSync v1.5, v1.6
+RELEASES = {256: "ByteDance/LatentSync-1.5", 512: "ByteDance/LatentSync-1.6"}
+LOOKAHEAD_MS = 120  # covers the audio window's 92.5 ms past a chunk's end at 25 fps
+WARMUP_FPS = 25
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def architecture_config(resolution: int) -> Path:
+    if resolution not in ARCHITECTURES:
+        raise ConfigError(f"no LatentSync release for {resolution} px crops; "
+                          f"expected one of {sorted(ARCHITECTURES)}")
+    return CONFIG_DIR / ARCHITECTURES[resolution]
+
+
+def check_checkpoint_dir(checkpoint_dir: Path, resolution: int) -> None:
+    """ConfigError listing every missing file and what it should be."""
+    missing = []
+    unet = checkpoint_dir / UNET_FILE
+    if not unet.is_file():
+        missing.append(f"{unet} (the LatentSync UNet, {UNET_FILE} from "
+                       f"{RELEASES.get(resolution, 'a LatentSync release')})")
+    whisper = checkpoint_dir / WHISPER_FILE
+    if not whisper.is_file():
+        missing.append(f"{whisper} (OpenAI Whisper tiny, shipped with LatentSync)")
+    try:
+        find_vae(checkpoint_dir)
+    except ConfigError as exc:
+        missing.append(str(exc))
+    if missing:
+        raise ConfigError(
+            "LatentSync checkpoints missing (put them under renderer.latentsync.checkpoint_dir,"
+            " or use --renderer cpu):\n  " + "\n  ".join(missing))
+
+
+def load_models(
+    checkpoint_dir: Path,
+    resolution: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    unet_config: UNetConfig | None = None,
+    vae_shape: VaeShape | None = SD_VAE_SHAPE,
+) -> LatentSyncModels:
+    """Load and check every weight file; any problem is a ConfigError naming the file.
+
+    `unet_config` and `vae_shape` default to the released architectures (tests
+    pass tiny ones).
+    """
+    check_checkpoint_dir(checkpoint_dir, resolution)
+    config = unet_config or UNetConfig.from_json(architecture_config(resolution))
+    whisper_path = checkpoint_dir / WHISPER_FILE
+    encoder = load_whisper_encoder(whisper_path)
+    if encoder.config.width != config.cross_attention_dim:
+        raise ConfigError(f"{whisper_path}: Whisper states are {encoder.config.width} wide, the"
+                          f" UNet attends to {config.cross_attention_dim} (expected Whisper tiny)")
+    audio = AudioFeatureExtractor(encoder, device=device, dtype=dtype)
+    vae = load_vae(find_vae(checkpoint_dir), expect=vae_shape, device=device, dtype=dtype)
+    unet = load_unet(config, checkpoint_dir / UNET_FILE, device=device, dtype=dtype)
+    try:
+        return LatentSyncModels(unet, LatentCodec(vae), audio)
+    except ValueError as exc:
+        raise ConfigError(f"{checkpoint_dir}: the weight files do not fit together: {exc}"
+                          ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class _ChunkPlan:
+    """A validated chunk: its avatar's faces, 16 frame specs (padded) and audio."""
+
+    chunk: RenderChunk
+    avatar: Avatar
+    faces: AvatarFaces
+    specs: tuple[FrameSpec, ...]  # CHUNK_FRAMES specs: the chunk's, then its last repeated
+    audio: AudioRequest
+
+
+class _Loaded:
+    """What a live renderer holds; dropped by `close()`."""
+
+    def __init__(self, models: LatentSyncModels, denoiser: ChunkDenoiser, masks: CropMasks
+                 ) -> None:
+        self.models = models
+        self.denoiser = denoiser
+        self.masks = masks
+        self.faces: dict[str, AvatarFaces] = {}
+
+
+class LatentSyncRenderer:
+    """media.types.Renderer running LatentSync; `avatars` maps an avatar id to an Avatar.
+
+    Loads the checkpoints of `config.checkpoint_dir` on `device` (default: the
+    first CUDA device; there is no CPU default, a real chunk would take minutes)
+    in `dtype` (default: `config.dtype` on CUDA, float32 on the CPU).
+    `noise_predictor` replaces the eager UNet call (CUDA graphs, DeepCache) and
+    `scheduler` makes the sampler of each denoising loop (default: LatentSync's DDIM).
+    `models` skips loading (shared, already-built modules; see `from_models`), and
+    `resolution` then overrides the crop size.
+    """
+
+    def __init__(
+        self,
+        avatars: Callable[[str], Avatar],
+        config: LatentSyncConfig,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        noise_predictor: NoisePredictor | None = None,
+        scheduler: Callable[[], Scheduler] = make_scheduler,
+        models: LatentSyncModels | None = None,
+        resolution: int | None = None,
+    ) -> None:
+        self._avatars = avatars
+        self.resolution = resolution or config.resolution
+        if models is None:
+            check_checkpoint_dir(Path(config.checkpoint_dir), self.resolution)
+            dev = _pick_device(device)
+            models = load_models(
+                Path(config.checkpoint_dir), self.resolution, device=dev,
+                dtype=dtype or (_DTYPES[config.dtype] if dev.type == "cuda" else torch.float32),
+            )
+        if self.resolution % models.codec.downsample:
+            raise ConfigError(f"crop size {self.resolution} is not a multiple of the VAE's "
+                              f"{models.codec.downsample}x downsampling")
+        denoiser = ChunkDenoiser(models, inference_steps=config.inference_steps,
+                                 guidance_scale=config.guidance_scale, seed=config.seed,
+                                 predictor=noise_predictor, scheduler=scheduler)
+        masks = crop_masks(self.resolution, models.codec.downsample, models.device)
+        self._loaded: _Loaded | None = _Loaded(models, denoiser, masks)
+        self._seed = config.seed
+        self._lock = threading.Lock()
+        self._caps = RendererCapabilities(
+            name="latentsync",
+            chunk_frames=CHUNK_FRAMES,
+            max_batch=config.max_batch,
+            audio_lookahead_ms=LOOKAHEAD_MS,
+            device=str(models.device),
+        )
+
+    @classmethod
+    def from_models(
+        cls,
+        avatars: Callable[[str], Avatar],
+        models: LatentSyncModels,
+        config: LatentSyncConfig | None = None,
+        *,
+        resolution: int | None = None,
+        noise_predictor: NoisePredictor | None = None,
+        scheduler: Callable[[], Scheduler] = make_scheduler,
+    ) -> LatentSyncRenderer:
+        """A renderer over already-built modules (shared: `close` only drops this renderer's
+        references); `resolution` may be any multiple of the VAE's downsampling (tiny models
+        use small crops)."""
+        return cls(avatars, config or LatentSyncConfig(), models=models, resolution=resolution,
+                   noise_predictor=noise_predictor, scheduler=scheduler)
+
+    @property
+    def capabilities(self) -> RendererCapabilities:
+        return self._caps
+
+    def warmup(self) -> None:
+        """Run one synthetic chunk through every stage (encode, audio, UNet, decode, paste)
+        so the first real chunk pays no first-call costs. Its frames are silent: the audio
+        encoder runs once for the features of silence, which every turn's tail needs."""
+        with self._lock, torch.inference_mode():
+            core = self._core()
+            models, r = core.models, self.resolution
+            side = r // models.codec.downsample
+            grey = torch.zeros(1, 3, r, r, device=models.device)
+            noise = torch.zeros(1, models.codec.latent_channels, side, side)
+            latent = models.codec.encode(grey, noise)[:, :, None]  # (1, C, 1, h, w)
+            latents = latent.expand(-1, -1, CHUNK_FRAMES, -1, -1)
+            speech = np.zeros(CHUNK_FRAMES, bool)
+            silent = np.zeros(required_samples(CHUNK_FRAMES, WARMUP_FPS), np.float32)
+            audio = audio_conditioning(models, [AudioRequest(
+                chunk_audio(silent, 0, CHUNK_FRAMES, WARMUP_FPS, False), speech)])
+            out = core.denoiser.denoise(core.masks.latent, latents, latents, audio)
+            pictures = core.denoiser.decode(out[0].permute(1, 0, 2, 3))  # (F, 3, r, r)
+            frame = np.full((1, 2 * r, 2 * r, 3), 127, np.uint8)
+            centred = np.array([[[1.0, 0.0, -r / 2], [0.0, 1.0, -r / 2]]])
+            paste_faces(frame, pictures[:1], centred, np.ones(1, bool), core.masks.paste_alpha)
+
+    def render(self, batch: Sequence[RenderChunk]) -> list[RenderResult]:
+        if not batch:
+            return []
+        if len(batch) > self._caps.max_batch:
+            raise RenderError(f"batch of {len(batch)} chunks exceeds max_batch "
+                              f"{self._caps.max_batch}", retryable=False)
+        with self._lock, torch.inference_mode():
+            core = self._core()
+            try:
+                return self._render(core, batch)
+            except torch.cuda.OutOfMemoryError as exc:
+                if core.models.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise GpuOutOfMemory(f"out of GPU memory rendering {len(batch)} chunks: {exc}"
+                                     ) from None
+
+    def close(self) -> None:
+        """Drop the face caches and this renderer's references to the models (freeing them
+        when it loaded them itself), then return cached GPU memory."""
+        with self._lock:
+            loaded, self._loaded = self._loaded, None
+            if loaded is None:
+                return
+            device = loaded.models.device
+            loaded.faces.clear()
+            del loaded
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # --- one batch ----------------------------------------------------------------
+
+    def _core(self) -> _Loaded:
+        if self._loaded is None:
+            raise RenderError("the LatentSync renderer is closed", retryable=False)
+        return self._loaded
+
+    def _render(self, core: _Loaded, batch: Sequence[RenderChunk]) -> list[RenderResult]:
+        t0 = time.perf_counter()
+        plans = [self._plan(core, chunk) for chunk in batch]
+        audio = audio_conditioning(core.models, [p.audio for p in plans])  # (B*16, S, C)
+        t1 = self._sync(core)
+        inputs = [self._face_inputs(p) for p in plans]
+        masked = torch.stack([i.masked for i in inputs]).transpose(1, 2)  # (B, C, 16, h, w)
+        reference = torch.stack([i.reference for i in inputs]).transpose(1, 2)
+        t2 = self._sync(core)
+        latents = core.denoiser.denoise(core.masks.latent, masked, reference, audio)
+        t3 = self._sync(core)
+        counts = [len(p.chunk.frames) for p in plans]
+        real = torch.cat([latents[b, :, :n].transpose(0, 1) for b, n in enumerate(counts)])
+        pictures = core.denoiser.decode(real)  # (sum n, 3, r, r) in [-1, 1]
+        t4 = self._sync(core)
+        outputs: list[Frames] = []
+        start = 0
+        for plan, face, n in zip(plans, inputs, counts, strict=True):
+            frames = _backgrounds(plan.avatar, plan.chunk.frames)  # (n, H, W, 3)
+            paste_faces(frames, pictures[start : start + n], face.crop_affines[:n],
+                        face.has_face[:n], core.masks.paste_alpha)
+            outputs.append(frames)
+            start += n
+        t5 = time.perf_counter()
+        stages = {"audio_features": t1 - t0, "face": t2 - t1, "inference": t3 - t2,
+                  "decode": t4 - t3, "paste": t5 - t4}
+        return [RenderResult(key=p.chunk.key, frames=f, stages=dict(stages))
+                for p, f in zip(plans, outputs, strict=True)]
+
+    def _plan(self, core: _Loaded, chunk: RenderChunk) -> _ChunkPlan:
+        try:
+            avatar = self._avatars(chunk.avatar)
+        except (KeyError, NotFound) as exc:  # a mapping's or agent.avatars' "no such avatar"
+            raise RenderError(f"unknown avatar {chunk.avatar!r}: {exc}", retryable=False) from None
+        n = len(chunk.frames)
+        problem = None
+        if chunk.fps != avatar.fps:
+            problem = f"chunk at {chunk.fps} fps for avatar {avatar.id!r} at {avatar.fps} fps"
+        elif n > CHUNK_FRAMES:
+            problem = f"chunk of {n} frames exceeds {CHUNK_FRAMES}"
+        if problem is not None:
+            raise RenderError(problem, retryable=False)
+        try:
+            for spec in chunk.frames:
+                avatar.check_ref(spec.source)
+                if spec.blend_to is not None:
+                    avatar.check_ref(spec.blend_to)
+            audio = chunk_audio(chunk.audio, chunk.first_frame, n, chunk.fps, chunk.end_of_turn)
+        except ValueError as exc:
+            raise RenderError(f"chunk {chunk.key}: {exc}", retryable=False) from None
+        faces = core.faces.get(avatar.id)
+        if faces is None or faces.avatar is not avatar:  # first use, or the avatar was reloaded
+            faces = AvatarFaces(avatar, self.resolution, core.models.codec, core.masks, self._seed)
+            core.faces[avatar.id] = faces
+        specs = chunk.frames + (chunk.frames[-1],) * (CHUNK_FRAMES - n)
+        speech = np.array([s.speech for s in chunk.frames], bool)
+        return _ChunkPlan(chunk, avatar, faces, specs, AudioRequest(audio, speech))
+
+    @staticmethod
+    def _face_inputs(plan: _ChunkPlan) -> FaceInputs:
+        try:
+            first = plan.faces.inputs([s.source for s in plan.specs])
+            if all(s.blend_to is None for s in plan.specs):
+                return first
+            second = plan.faces.inputs([s.blend_to or s.source for s in plan.specs])
+        except ValueError as exc:  # malformed avatar extras
+            raise RenderError(str(exc), retryable=False) from None
+        weights = np.array([s.blend_weight if s.blend_to is not None else 0.0
+                            for s in plan.specs])
+        return blend_inputs(first, second, weights)
+
+    @staticmethod
+    def _sync(core: _Loaded) -> float:
+        """Now, after the device's queued work (so stage times are the stages' own)."""
+        if core.models.device.type == "cuda":
+            torch.cuda.synchronize(core.models.device)
+        return time.perf_counter()
+
+
+def _pick_device(device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if not cuda_available():
+        raise ConfigError("the LatentSync renderer needs a CUDA device and none is available;"
+                          " use --renderer cpu (or pass device='cpu' to run slowly anyway)")
+    return torch.device("cuda", 0)
+
+
+def _backgrounds(avatar: Avatar, specs: Sequence[FrameSpec]) -> Frames:
+    """(n, H, W, 3) the source pictures, blended in pixel space where a spec blends."""
+    out = np.empty((len(specs), avatar.height, avatar.width, 3), np.uint8)
+    for i, spec in enumerate(specs):
+        first = _picture(avatar, avatar.source.frame(spec.source))
+        if spec.blend_to is None or spec.blend_weight == 0.0:
+            np.copyto(out[i], first)
+            continue
+        second = _picture(avatar, avatar.source.frame(spec.blend_to))
+        w = spec.blend_weight
+        cv2.addWeighted(first, 1.0 - w, second, w, 0.0, dst=out[i])
+    return out
+
+
+def _picture(avatar: Avatar, picture: np.ndarray) -> np.ndarray:
+    if picture.shape != (avatar.height, avatar.width, 3) or picture.dtype != np.uint8:
+        raise RenderError(
+            f"avatar {avatar.id!r} source frame is {picture.shape} {picture.dtype}, "
+            f"want ({avatar.height}, {avatar.width}, 3) uint8",
+            retryable=False,
+        )
+    return picture

@@ -1,0 +1,82 @@
+"""Tiny LatentSync models for CPU tests: the fixture UNet and Whisper, a random tiny VAE.
+
+The UNet is the reference architecture at `block_out_channels` [32, 64, 64, 64]
+with its fixture weights (released key layout); the Whisper encoder is Whisper
+tiny with the fixture's seeded weights (so the audio is the real (50, 384) per
+frame); the VAE is diffusers' AutoencoderKL with 8-channel blocks, random but
+seeded, downsampling 8x like sd-vae-ft-mse. Frames come out as noise.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+from agent.config import LatentSyncConfig
+from media.avatar import Avatar
+from media.latentsync.audio_features import AudioFeatureExtractor
+from media.latentsync.checkpoint import load_unet
+from media.latentsync.config import UNetConfig
+from media.latentsync.pipeline import LatentSyncModels, NoisePredictor
+from media.latentsync.renderer import LatentSyncRenderer
+from media.latentsync.vae import LatentCodec
+from media.latentsync.whisper import load_whisper_encoder
+from tests.conftest import SHARED
+
+CROP = 64  # crop side for tiny tests: 8 x 8 latents, like the UNet fixture
+STEPS = 2  # DDIM steps for tiny tests
+VAE_SEED = 5
+
+
+def fixtures_dir() -> Path:
+    path = SHARED / "fixtures"
+    if not path.is_dir():
+        pytest.skip("../shared/fixtures is not present")
+    return path
+
+
+def tiny_vae() -> AutoencoderKL:
+    with torch.random.fork_rng():  # seeded init without touching the global RNG
+        torch.manual_seed(VAE_SEED)
+        vae: AutoencoderKL = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=CROP,
+        )
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+def tiny_unet_config() -> UNetConfig:
+    return UNetConfig.from_json(fixtures_dir() / "tiny_unet_config.json")
+
+
+@functools.cache
+def tiny_models() -> LatentSyncModels:
+    """Loaded once per test process and shared read-only (as a server shares its models)."""
+    fixtures = fixtures_dir()
+    unet = load_unet(tiny_unet_config(), fixtures / "tiny_unet_weights.safetensors")
+    audio = AudioFeatureExtractor(load_whisper_encoder(fixtures / "tiny_whisper_tiny_encoder.pt"))
+    return LatentSyncModels(unet, LatentCodec(tiny_vae()), audio)
+
+
+def tiny_renderer(
+    avatars: Callable[[str], Avatar],
+    *,
+    models: LatentSyncModels | None = None,
+    noise_predictor: NoisePredictor | None = None,
+    **config: Any,
+) -> LatentSyncRenderer:
+    settings = LatentSyncConfig(**{"inference_steps": STEPS, **config})
+    return LatentSyncRenderer.from_models(avatars, models or tiny_models(), settings,
+                                          resolution=CROP, noise_predictor=noise_predictor)
