@@ -19,7 +19,9 @@ from prometheus_client import (
 )
 
 STAGES = ("admission", "queue_wait", "audio_features", "inference", "validate", "paste",
-          "encode", "send")
+          "encode", "send",
+          # Renderer-specific stages, materialised too so their series exist from start-up.
+          "face", "decode", "source", "mouth")
 ERROR_TYPES = ("model_timeout", "gpu_oom", "model_error", "validation", "encode", "protocol",
                "auth", "internal")
 PRIORITIES = ("in_turn", "turn_start", "speculative")

@@ -18,14 +18,18 @@ log = structlog.get_logger(__name__)
 UNET_FILE = "latentsync_unet.pt"
 
 
-def latentsync_available(checkpoint_dir: Path) -> tuple[bool, str]:
+def latentsync_available(checkpoint_dir: Path, resolution: int) -> tuple[bool, str]:
     """Whether the diffusion renderer can run here, and why not."""
     if not (checkpoint_dir / UNET_FILE).is_file():
         return False, f"no {checkpoint_dir / UNET_FILE}"
     if importlib.util.find_spec("media.latentsync.renderer") is None:
         return False, "the LatentSync renderer is not installed"
-    from media.latentsync.renderer import cuda_available
+    from media.latentsync.renderer import check_checkpoint_dir, cuda_available
 
+    try:
+        check_checkpoint_dir(checkpoint_dir, resolution)
+    except ConfigError as exc:
+        return False, str(exc).splitlines()[0] + " (see --renderer latentsync for details)"
     if not cuda_available():
         return False, "no CUDA device"
     return True, "checkpoints and CUDA present"
@@ -35,7 +39,7 @@ def build_renderer(config: AgentConfig, avatars: AvatarRegistry) -> Renderer:
     choice = config.renderer.name
     ckpt = Path(config.renderer.latentsync.checkpoint_dir)
     if choice == "auto":
-        ok, why = latentsync_available(ckpt)
+        ok, why = latentsync_available(ckpt, config.renderer.latentsync.resolution)
         choice = "latentsync" if ok else "cpu"
         log.info("renderer_selected", renderer=choice, reason=why)
     if choice == "latentsync":

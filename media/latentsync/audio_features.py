@@ -263,5 +263,5 @@ class AudioFeatureExtractor:
         windows = torch.zeros(len(indices), WINDOW_SAMPLES, dtype=torch.float32)
         for row, k in enumerate(indices):
             piece = audio[k * WINDOW_SAMPLES : (k + 1) * WINDOW_SAMPLES]
-            windows[row, : piece.size] = torch.from_numpy(piece)
+            windows[row, : piece.size] = torch.as_tensor(np.array(piece, dtype=np.float32))
         return windows
