@@ -152,7 +152,7 @@ class LengthMatchedRestart(ModuloLoop):
         return min(range(len(self.clips)), key=lambda c: abs(self.clips[c].num_frames - duration))
 
 
-SYSTEMS = {
+SYSTEMS: dict[str, type[Timeline] | type[ModuloLoop]] = {
     "timeline": Timeline,
     "modulo loop": ModuloLoop,
     "length-matched restart": LengthMatchedRestart,

@@ -255,6 +255,7 @@ class Conversation(RuleBasedStateMachine):
         interrupt_at = draw(st.none() | st.integers(0, n), label="interrupt after")
         stop = n if interrupt_at is None else interrupt_at
         late_at = draw(st.integers(0, stop), label="length known after")
+        trip_at = draw(st.none() | st.integers(0, stop), label="state round trip after")
 
         self.viewer.start_at(self.idle[from_idle])
         self.call("start_turn", duration_frames=duration, style=style, from_idle=from_idle)
@@ -262,6 +263,9 @@ class Conversation(RuleBasedStateMachine):
         frames: list[FrameSpec] = []
         length_set = False
         while len(frames) < stop:
+            if trip_at is not None and len(frames) >= trip_at:
+                self.round_trip()  # mid-turn: the restored copy must go on identically
+                trip_at = None
             if (
                 not length_set
                 and len(frames) >= late_at
@@ -292,7 +296,6 @@ class Conversation(RuleBasedStateMachine):
             for spec in frames:
                 self.see(spec, counted=target is None)
             tail = self.call("end_turn")
-            budget = None
             if target is not None and frames:
                 last = frames[-1].source
                 assert last.clip == target[0], (last, target)
@@ -304,13 +307,12 @@ class Conversation(RuleBasedStateMachine):
             if shown == 0:
                 self.viewer.start_at(self.idle[from_idle])
             tail = self.call("interrupt", frames[shown - 1] if shown else None)
-            budget = self.cfg.interrupt_blend_ms * FPS // 1000
-            assert len(tail) <= budget
+            assert len(tail) <= self.cfg.interrupt_blend_ms * FPS // 1000
         assert tail and not any(s.speech for s in tail)
         for spec in tail:
             self.see(spec)
         assert picture(tail[-1]) == {self.neutral: 1.0}, "the turn must end at neutral"
-        self.see(self.idle[0])
+        self.viewer.show(self.idle[0])  # after the tail the session shows idle_loop[0]
         assert not self.tl.in_turn
 
     @rule(active=st.booleans())
