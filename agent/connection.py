@@ -607,7 +607,7 @@ class SessionConnection:
         assert self.core is not None
         seq = self.sendbuf.next_seq
         state: dict[str, Any] = {
-            "timeline": self.core.timeline.state(),
+            "timeline": self.core.timeline.state(include_turn=False),
             "idle_index": 0,
             "started_wall": self._started_wall,
             "video_seq": seq[MediaKind.VIDEO],
