@@ -196,7 +196,9 @@ def _ms(x: float | None) -> str:
 def format_summary(report: dict[str, Any]) -> str:
     cfg, o = report["config"], report["overall"]
     lines = [f"load test ({report['mode']}): {cfg['users']} users, {cfg['duration_s']:g} s, "
-             f"{cfg['url']}  [speech: {report['speech']}, decode: {cfg['decode']}]",
+             f"{cfg['url']}  [speech: {report['speech']}, decode: {cfg['decode']}]"
+             + (f"  CUT SHORT after {report['measured_s']:.0f} s" if report["cut_short"]
+                else ""),
              f"{'latency (ms)':<26}{'count':>7}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}"]
     rows = [(label, key) for key, _, label in LATENCIES]
     rows += [("pts jitter", "pts_jitter_s"), ("|A/V offset|", "av_offset_abs_s")]
@@ -226,6 +228,16 @@ def format_summary(report: dict[str, Any]) -> str:
                      f"{_ms(sv['view']['gap_p95_s'])} ms")
     else:
         lines.append(f"server: /metrics not reachable at {sv['metrics_url']}")
+    soak = report.get("soak")
+    if soak is not None:
+        slope = soak["rss_slope_mb_per_min"]
+        verdict = "FLAGGED" if soak["flagged"] else "ok"
+        lines.append(
+            f"soak: RSS slope after {soak['warmup_s']:g} s "
+            f"{'n/a' if slope is None else f'{slope:.1f}'} MB/min (limit "
+            f"{soak['max_rss_growth_mb_per_min']:g}), sessions left after the run "
+            f"{_num(soak['sessions_left_after_run'])}  {verdict}"
+            + (f" ({soak['note']})" if soak["note"] else ""))
     for check in report["slo"]["checks"]:
         verdict = "PASS" if check["passed"] else "FAIL"
         lines.append(f"SLO {check['name']} <= {check['limit']:g} s: measured "

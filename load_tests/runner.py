@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 import resource
+import signal
 import time
 import traceback
 import urllib.error
@@ -79,7 +80,8 @@ class LoadRun:
     def __init__(self, cfg: LoadConfig, bank: SpeechBank) -> None:
         self.cfg = cfg
         self.t0 = time.monotonic()
-        self.stop = asyncio.Event()
+        self.stop = asyncio.Event()  # users leave
+        self.cut_short = asyncio.Event()  # Ctrl-C or SIGTERM: end the hold, keep the report
         pool = ThreadPoolExecutor(1, "decode") if cfg.decode != "none" else None
         self.ctx = UserContext(cfg, bank, self.t0, self.stop, pool)
         self.users: list[SimulatedUser] = []
@@ -95,6 +97,10 @@ class LoadRun:
         return time.monotonic() - self.t0
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, self.cut_short.set)
         await self._sample_server()  # the baseline before any user
         self._sample_client()
         self._monitors = [asyncio.create_task(self._lag_monitor()),
@@ -118,8 +124,11 @@ class LoadRun:
             traceback.print_exc()
             user.stats.error("load_tester_bug", self.now())
 
-    async def hold(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+    async def hold(self, seconds: float) -> bool:
+        """Let the users talk; False when the run was cut short (Ctrl-C)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.cut_short.wait(), seconds)
+        return not self.cut_short.is_set()
 
     async def finish(self) -> None:
         """Stop every user (each says bye), bounded by the stop grace; final samples."""

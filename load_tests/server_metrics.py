@@ -90,20 +90,24 @@ def histogram_quantile(q: float, start: Buckets, end: Buckets) -> float:
 @dataclass(frozen=True, slots=True)
 class Growth:
     slope_mb_per_min: float  # least-squares slope of RSS after the warm-up
-    start_mb: float
-    end_mb: float
+    start_mb: float  # median of the first third of the samples after the warm-up
+    end_mb: float  # median of the last third
     flagged: bool
 
 
 def rss_growth(samples: list[ServerSample], *, warmup_s: float, limit_mb_per_min: float,
                min_growth_mb: float = 16.0) -> Growth | None:
-    """Memory growth after the warm-up. Flagged when RSS keeps rising faster than
-    the limit and by more than `min_growth_mb` in all (allocator noise stays under it)."""
+    """Memory growth after the warm-up. RSS of a busy server swings by a hundred MB
+    from sample to sample (frames allocated and freed), so growth is flagged only when
+    the least-squares slope is above the limit and the median of the last third of the
+    samples is above that of the first third by more than `min_growth_mb`."""
     pts = [(s.t, s.rss_bytes / 2**20) for s in samples
            if s.t >= warmup_s and not math.isnan(s.rss_bytes)]
-    if len(pts) < 3:
+    if len(pts) < 6:
         return None
     t, mb = np.array(pts).T
     slope = float(np.polyfit(t / 60.0, mb, 1)[0])
-    flagged = slope > limit_mb_per_min and mb[-1] - mb[0] > min_growth_mb
-    return Growth(slope, float(mb[0]), float(mb[-1]), bool(flagged))
+    third = len(mb) // 3
+    first, last = float(np.median(mb[:third])), float(np.median(mb[-third:]))
+    flagged = slope > limit_mb_per_min and last - first > min_growth_mb
+    return Growth(slope, first, last, bool(flagged))
