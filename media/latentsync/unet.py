@@ -13,6 +13,8 @@ state dict loads strictly (see `media.latentsync.checkpoint`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -21,6 +23,23 @@ from torch import nn
 from media.latentsync.config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, UNetConfig
 from media.latentsync.layers import FrameConv2d
 from media.latentsync.unet_blocks import DownBlock3D, MidBlock3D, UpBlock3D
+
+
+@dataclass(slots=True)
+class DeepCacheState:
+    """DeepCache (Ma et al., CVPR 2024) at its shallowest branch, for one denoising loop.
+
+    The input of the last up block's last layer changes slowly between steps.
+    A forward with `refresh=True` runs the whole UNet and stores that tensor in
+    `deep`; one with `refresh=False` runs only `conv_in`, that last layer (fed
+    `deep` and the fresh `conv_in` skip) and `conv_out`. This is the computation
+    of LatentSync's `DeepCacheSDHelper` with `cache_branch_id=0`, without the
+    motion modules that helper re-runs on cached inputs (whose outputs it then
+    discards or recomputes identically). Mutable: the owner flips `refresh`.
+    """
+
+    refresh: bool = True
+    deep: torch.Tensor | None = None  # (B, C0', F, H, W) from the last refresh
 
 
 class UNet3DConditionModel(nn.Module):
@@ -97,12 +116,14 @@ class UNet3DConditionModel(nn.Module):
         sample: torch.Tensor,
         timestep: torch.Tensor | int | float,
         encoder_hidden_states: torch.Tensor,
+        cache: DeepCacheState | None = None,
     ) -> torch.Tensor:
         """Predict noise.
 
         sample: (B, in_channels, F, H, W) latents; timestep: a scalar, (1,) or (B,)
         (pass a tensor when compiling: a Python number is baked into the graph);
-        encoder_hidden_states: (B*F, 50, 384) audio features, batch-major (index b*F + f).
+        encoder_hidden_states: (B*F, 50, 384) audio features, batch-major (index b*F + f);
+        cache: DeepCache state (see `DeepCacheState`); None runs the exact UNet.
         Returns (B, out_channels, F, H, W).
         """
         self._check_inputs(sample, encoder_hidden_states)
@@ -118,6 +139,13 @@ class UNet3DConditionModel(nn.Module):
         temb: torch.Tensor = self.time_embedding(t_emb)  # (B, 4*C0)
 
         x = self.conv_in(sample)  # (B, C0, F, H, W)
+        k = self.config.layers_per_block + 1  # skips (and layers) of each up block
+        last = self._last_up_block()  # full resolution; never upsamples
+        if cache is not None and not cache.refresh:
+            deep = self._cached_deep(cache, x)
+            x = last.layer(k - 1, deep, x, temb, audio)  # the skip is conv_in's output
+            return self._head(x)
+
         skips = [x]
         for down in self.down_blocks:
             x, states = down(x, temb, audio)  # (B, C_i, F, H_i, W_i), halved but at the last
@@ -125,15 +153,37 @@ class UNet3DConditionModel(nn.Module):
 
         x = self.mid_block(x, temb, audio)  # (B, C_last, F, H/2^(n-1), W/2^(n-1))
 
-        k = self.config.layers_per_block + 1  # skips each up block consumes
-        for up in self.up_blocks:
+        for up in self.up_blocks[:-1]:
             block_skips, skips = skips[-k:], skips[:-k]
             # Upsample to the next level's skip size (2x, or the odd size the down path had).
-            out_size = (skips[-1].shape[-2], skips[-1].shape[-1]) if skips else None
+            out_size = (skips[-1].shape[-2], skips[-1].shape[-1])
             x = up(x, block_skips, temb, audio, out_size)  # (B, C, F, ...) one level up
+        for i in range(k):  # the last up block, layer by layer; skips hold exactly its k
+            if i == k - 1 and cache is not None:
+                cache.deep = x  # (B, C0', F, H, W)
+            x = last.layer(i, x, skips[-1 - i], temb, audio)
+        return self._head(x)
 
-        out: torch.Tensor = self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, out_ch, F, H, W)
+    def _last_up_block(self) -> UpBlock3D:
+        block = self.up_blocks[-1]
+        assert isinstance(block, UpBlock3D)
+        return block
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, C0, F, H, W) -> (B, out_channels, F, H, W)
+        out: torch.Tensor = self.conv_out(F.silu(self.conv_norm_out(x)))
         return out
+
+    @staticmethod
+    def _cached_deep(cache: DeepCacheState, x: torch.Tensor) -> torch.Tensor:
+        deep = cache.deep
+        if deep is None:
+            raise ValueError("DeepCache: a step without refresh needs an earlier refresh step")
+        if deep.shape[0] != x.shape[0] or deep.shape[2:] != x.shape[2:]:
+            raise ValueError(
+                f"DeepCache: cached features {tuple(deep.shape)} do not fit input {tuple(x.shape)}"
+            )
+        return deep
 
     def _check_inputs(self, sample: torch.Tensor, audio: torch.Tensor) -> None:
         cfg = self.config

@@ -249,17 +249,30 @@ class UpBlock3D(nn.Module):
     ) -> torch.Tensor:
         # x: (B, C_prev, F, H, W); skips: the down path's last `layers` tensors, consumed last
         # first -> (B, C_out, F, H', W') with (H', W') = out_size when upsampling
-        for i, resnet in enumerate(self.resnets):
-            x = torch.cat([x, skips[-1 - i]], dim=1)  # (B, C + C_skip, F, H, W)
-            x = resnet(x, temb)
-            if len(self.attentions) > 0:
-                x = self.attentions[i](x, audio)
-            x = self.motion_modules[i](x)
-        if self.upsamplers is not None:
-            if out_size is None:
-                raise ValueError("an upsampling block needs the output size")
-            x = self.upsamplers[0](x, out_size)
-        return x
+        for i in range(len(self.resnets)):
+            x = self.layer(i, x, skips[-1 - i], temb, audio)
+        return self.upsample(x, out_size)
+
+    def layer(
+        self, i: int, x: torch.Tensor, skip: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor
+    ) -> torch.Tensor:
+        """Layer i alone: concat skip -> resnet [-> spatial transformer] [-> motion module]."""
+        # x: (B, C, F, H, W); skip: (B, C_skip, F, H, W) -> (B, C_out, F, H, W)
+        x = torch.cat([x, skip], dim=1)  # (B, C + C_skip, F, H, W)
+        x = self.resnets[i](x, temb)
+        if len(self.attentions) > 0:
+            x = self.attentions[i](x, audio)
+        out: torch.Tensor = self.motion_modules[i](x)
+        return out
+
+    def upsample(self, x: torch.Tensor, out_size: tuple[int, int] | None) -> torch.Tensor:
+        # (B, C, F, H, W) -> (B, C, F, out_size) when this block upsamples, else unchanged
+        if self.upsamplers is None:
+            return x
+        if out_size is None:
+            raise ValueError("an upsampling block needs the output size")
+        out: torch.Tensor = self.upsamplers[0](x, out_size)
+        return out
 
 
 class Downsample3D(nn.Module):

@@ -1,0 +1,650 @@
+"""LatentSync UNet speed on one GPU: each optimisation separately, the reference re-measured.
+
+Run (on a CUDA machine; the architecture comes from the manifest, weights are random:
+the cost does not depend on their values):
+    python bench/latentsync_bench.py --config ../shared/manifests/latentsync_unet_stage2.json \
+        --out bench/results/latentsync_h100.md
+`--tiny` runs every CPU-capable row at toy size (a smoke test of this script).
+
+A chunk is 16 frames; one denoising loop renders a batch of B chunks (B sessions'
+chunks) with classifier-free guidance, so the UNet sees 2B videos. fps = 16 * B /
+seconds per loop. Rows:
+- reference: eager fp16 UNet, B=1, 20 DDIM steps, guidance 1.5 (our UNet; LatentSync's
+  own code is not run here);
+- batching: the same with B chunks in one UNet call;
+- CUDA graphs: `GraphPredictor` (captured once per shape, replayed);
+- attention backend (flash / memory-efficient / cuDNN / math) and channels_last: one
+  UNet call, B=8;
+- approximations: DeepCache interval 3, DPM-Solver++ 10 / 8 steps, combined; each with
+  the relative L2 difference of its final latents against the exact 20-step DDIM result
+  on the same inputs and noise (B=1, fp16, graphs). With random weights the UNet is no
+  denoiser, so these differences measure how far each sampler's trajectory moves, not
+  image quality: re-measure them with the released weights;
+- VAE (SD's AutoencoderKL architecture, random weights): encode x2 + decode per batch,
+  serial after the loop and overlapped with it on a second CUDA stream;
+- first chunk: audio features (Whisper-tiny, random weights) + 20 steps + VAE decode +
+  frames copied to the host, B=1;
+- memory: weights, eager peak allocated, graph footprint (reserved after capture).
+Optional sections (not in the default 'all'): `profile` (top kernels of one eager call)
+and `aot` (AOTInductor compile or load, its speed against graphs and eager in the same
+run, then a fresh process's warm start from the disk cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from torch.nn.attention import SDPBackend
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.machine import describe  # noqa: E402
+from media.latentsync.accel import (  # noqa: E402
+    AotPredictor,
+    GraphPredictor,
+    NoisePredictor,
+    SchedulerKind,
+    UNetPredictor,
+    denoise,
+    make_scheduler,
+)
+from media.latentsync.audio_features import (  # noqa: E402
+    AudioFeatureExtractor,
+    ChunkAudio,
+    required_samples,
+)
+from media.latentsync.config import UNetConfig  # noqa: E402
+from media.latentsync.unet import UNet3DConditionModel  # noqa: E402
+from media.latentsync.verify import relative_error  # noqa: E402
+from media.latentsync.whisper import WhisperEncoder  # noqa: E402
+
+FRAMES = 16
+FPS = 25
+GUIDANCE = 1.5
+GIB = 1024**3
+VAE_SCALE = 0.18215
+RANDOM_WEIGHTS_ID = "random-seed0-unit-std-out"  # build_unet's weights, for the AOT key
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build_unet(config: UNetConfig, device: str, dtype: torch.dtype) -> UNet3DConditionModel:
+    """Random weights, initialised on the device (fast), output scaled to unit std.
+
+    PyTorch's default init makes the output's scale arbitrary; unit-std noise
+    predictions keep 20 fp16 steps in range, as a trained model's would.
+    """
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet3DConditionModel(config).to(dtype).eval().requires_grad_(False)
+    noise, conditions, audio = chunk_inputs(1, 8, device, dtype, seed=99)
+    with torch.inference_mode():
+        x = torch.cat([torch.cat([noise, noise]), conditions], dim=1)  # (2B, 13, F, h, w)
+        std = unet(x, 500, audio).float().std()
+        unet.conv_out.weight.div_(std)
+        assert unet.conv_out.bias is not None
+        unet.conv_out.bias.div_(std)
+    return unet
+
+
+def build_vae(tiny: bool, device: str, dtype: torch.dtype) -> AutoencoderKL:
+    """Stable Diffusion's VAE architecture (LatentSync uses sd-vae-ft-mse), random weights."""
+    channels = (32, 32, 32, 32) if tiny else (128, 256, 512, 512)
+    with torch.device(device):
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=channels,
+            layers_per_block=1 if tiny else 2,
+            latent_channels=4,
+        )
+    return vae.to(dtype).eval().requires_grad_(False)
+
+
+def chunk_inputs(
+    b: int, latent: int, device: str, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """noise (B,4,F,h,w), conditions (2B,9,F,h,w), audio (2B*F,50,384) unconditional half 0."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(b, 4, FRAMES, latent, latent, generator=gen)
+    conditions = torch.randn(b, 9, FRAMES, latent, latent, generator=gen).repeat(2, 1, 1, 1, 1)
+    audio = torch.randn(b * FRAMES, 50, 384, generator=gen)
+    audio = torch.cat([torch.zeros_like(audio), audio])
+    return noise.to(device, dtype), conditions.to(device, dtype), audio.to(device, dtype)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dtype = torch.float16 if self.device == "cuda" else torch.float32
+        self.cuda = self.device == "cuda"
+        self.card = torch.cuda.get_device_name() if self.cuda else "cpu"
+        self.started = time.perf_counter()
+        self.unet = build_unet(read_config(args), self.device, self.dtype)
+        self.weights_gib = torch.cuda.memory_allocated() / GIB if self.cuda else 0.0
+        self.vae = build_vae(args.tiny, self.device, self.dtype)
+        self.vae_gib = torch.cuda.memory_allocated() / GIB - self.weights_gib if self.cuda else 0.0
+        self.exact: dict[int, torch.Tensor] = {}  # latent side -> exact 20-step result, B=1
+        self.rows: list[list[str]] = []
+        self.notes: list[str] = []
+        self.skipped: list[str] = []
+
+    # ---------------------------------------------------------------- measurement helpers
+
+    def time_left(self) -> bool:
+        return time.perf_counter() - self.started < self.args.budget_s
+
+    def loop(
+        self,
+        predictor: NoisePredictor,
+        b: int,
+        latent: int,
+        *,
+        steps: int = 20,
+        kind: SchedulerKind = "ddim",
+        reps: int | None = None,
+    ) -> tuple[float, torch.Tensor]:
+        """(median seconds per loop, final latents of seed-0 inputs) after a short warm loop."""
+        noise, conditions, audio = chunk_inputs(b, latent, self.device, self.dtype)
+        with torch.inference_mode():
+            denoise(predictor, make_scheduler(kind), noise, conditions, audio, steps=3)
+            times = []
+            out = noise
+            for _ in range(reps or self.args.reps):
+                sync()
+                t0 = time.perf_counter()
+                out = denoise(
+                    predictor, make_scheduler(kind), noise, conditions, audio, steps=steps
+                )
+                sync()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times), out
+
+    def call_ms(self, predictor: NoisePredictor, b: int, latent: int, calls: int = 5) -> float:
+        """Median ms of one UNet call (the exact path) after two warm calls."""
+        noise, conditions, audio = chunk_inputs(b, latent, self.device, self.dtype)
+        x = torch.cat([torch.cat([noise, noise]), conditions], dim=1)  # (2B, 13, F, h, w)
+        t = torch.tensor(500)
+        times = []
+        with torch.inference_mode():
+            for i in range(calls + 2):
+                predictor.reset()
+                sync()
+                t0 = time.perf_counter()
+                predictor(x, t, audio)
+                sync()
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times)
+
+    @contextmanager
+    def memory(self) -> Iterator[dict[str, float]]:
+        """Peak allocated and (after empty_cache) reserved GiB over the block."""
+        found: dict[str, float] = {}
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        yield found
+        if self.cuda:
+            torch.cuda.empty_cache()
+            found["peak"] = torch.cuda.max_memory_allocated() / GIB
+            found["held"] = torch.cuda.memory_reserved() / GIB
+
+    def add(
+        self,
+        row: str,
+        px: int,
+        b: int,
+        steps: int,
+        seconds: float,
+        diff: float | None = None,
+        mem: str = "",
+    ) -> None:
+        fps = FRAMES * b / seconds
+        cells = [
+            row,
+            str(px),
+            str(b),
+            str(steps),
+            f"{seconds * 1000:.0f}",
+            f"{fps:.1f}",
+            f"{seconds * 1000 / steps:.1f}",
+            "" if diff is None else f"{diff:.2e}",
+            mem,
+        ]
+        self.rows.append(cells)
+        log(" | ".join(cells))
+
+    def diff(self, latent: int, out: torch.Tensor) -> float:
+        """Relative L2 of chunk 0 against the exact 20-step DDIM result (same inputs, B=1)."""
+        if latent not in self.exact:
+            self.exact[latent] = self.loop(self.graphs(), 1, latent, reps=1)[1]
+        return relative_error(out[:1].float(), self.exact[latent][:1].float())
+
+    def graphs(self, interval: int = 1, **kw: Any) -> NoisePredictor:
+        if self.cuda:
+            return GraphPredictor(self.unet, interval, **kw)
+        return UNetPredictor(self.unet, interval)  # CPU smoke run: same rows, eager
+
+    # ---------------------------------------------------------------- sections
+
+    def throughput(self, px: int, batches: list[int], eager_batches: list[int]) -> None:
+        latent = px // 8
+        with self.memory() as mem:
+            ref_s, _ = self.loop(UNetPredictor(self.unet), 1, latent)
+        self.add("reference: eager, 1 chunk", px, 1, 20, ref_s, mem=fmt_mem(mem, "peak"))
+        for b in eager_batches:
+            if not self.time_left():
+                self.skipped.append(f"{px}px eager B={b}")
+                continue
+            with self.memory() as mem:
+                s, _ = self.loop(UNetPredictor(self.unet), b, latent)
+            self.add("+ batching (eager)", px, b, 20, s, mem=fmt_mem(mem, "peak"))
+        for b in batches:
+            if not self.time_left():
+                self.skipped.append(f"{px}px graphs B={b}")
+                continue
+            with self.memory() as mem:
+                pred = self.graphs()
+                s, out = self.loop(pred, b, latent)
+            del pred  # after the memory reading: its graph pool is part of the footprint
+            if b == 1:
+                self.exact[latent] = out
+            self.add("+ CUDA graphs", px, b, 20, s, mem=fmt_mem(mem, "held"))
+
+    def approximations(self, px: int, batches: list[int]) -> None:
+        latent = px // 8
+        variants: list[tuple[str, int, SchedulerKind, int]] = [
+            ("DeepCache interval 3", 3, "ddim", 20),
+            ("DPM-Solver++ 10 steps", 1, "dpm++", 10),
+            ("DPM-Solver++ 8 steps", 1, "dpm++", 8),
+            ("DPM-Solver++ 10 + DeepCache 3", 3, "dpm++", 10),
+            ("DPM-Solver++ 8 + DeepCache 3", 3, "dpm++", 8),
+        ]
+        for name, interval, kind, steps in variants:
+            pred = self.graphs(interval)
+            for b in batches:
+                if not self.time_left():
+                    self.skipped.append(f"{px}px {name} B={b}")
+                    continue
+                s, out = self.loop(pred, b, latent, steps=steps, kind=kind)
+                self.add(name, px, b, steps, s, self.diff(latent, out) if b == 1 else None)
+            del pred
+
+    def kernels(self, px: int, b: int) -> None:
+        """One UNet call, B chunks: attention backends (graphs) and channels_last (eager)."""
+        latent = px // 8
+        eager_ms = self.call_ms(UNetPredictor(self.unet), b, latent)
+        self.notes.append(
+            f"{px}px B={b} one UNet call, eager, default attention: {eager_ms:.1f} ms"
+        )
+        if self.cuda:
+            for backend in (
+                SDPBackend.FLASH_ATTENTION,
+                SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.CUDNN_ATTENTION,
+                SDPBackend.MATH,
+            ):
+                try:
+                    ms = self.call_ms(GraphPredictor(self.unet, sdpa=[backend]), b, latent)
+                    self.notes.append(
+                        f"{px}px B={b} one UNet call, graphs, {backend.name}: {ms:.1f} ms"
+                    )
+                except RuntimeError as exc:  # a backend that refuses these shapes
+                    self.notes.append(f"{px}px B={b} {backend.name}: not usable ({str(exc)[:120]})")
+                gc.collect()
+                torch.cuda.empty_cache()
+            ms = self.call_ms(GraphPredictor(self.unet), b, latent)
+            self.notes.append(f"{px}px B={b} one UNet call, graphs, default attention: {ms:.1f} ms")
+        self.unet.to(memory_format=torch.channels_last)
+        try:
+            ms = self.call_ms(UNetPredictor(self.unet), b, latent)
+            self.notes.append(
+                f"{px}px B={b} one UNet call, eager, channels_last weights: {ms:.1f} ms"
+            )
+        finally:
+            self.unet.to(memory_format=torch.contiguous_format)
+
+    def vae_and_overlap(self, px: int, b: int) -> None:
+        """VAE cost per batch, then the exact loop with the VAE work serial vs overlapped."""
+        latent = px // 8
+        images = torch.randn(FRAMES * b, 3, px, px, device=self.device, dtype=self.dtype)
+        latents = torch.randn(FRAMES * b, 4, latent, latent, device=self.device, dtype=self.dtype)
+
+        def encode2() -> None:
+            for _ in range(2):  # masked frames and reference frames
+                self.vae.encode(images).latent_dist.mode()
+
+        def decode() -> torch.Tensor:
+            out: torch.Tensor = self.vae.decode(latents / VAE_SCALE).sample
+            return out
+
+        with torch.inference_mode():
+            enc_ms = timed_ms(encode2)
+            dec_ms = timed_ms(decode)
+        self.notes.append(
+            f"{px}px VAE for {b} chunk(s) ({FRAMES * b} frames): encode x2 {enc_ms:.0f} ms,"
+            f" decode {dec_ms:.0f} ms"
+        )
+        pred = self.graphs()
+        loop_s, _ = self.loop(pred, b, latent)
+        serial = loop_s + (enc_ms + dec_ms) / 1000
+        self.add("exact graphs + VAE enc x2 + dec, serial", px, b, 20, serial)
+        if not self.cuda:
+            return
+        noise, conditions, audio = chunk_inputs(b, latent, self.device, self.dtype)
+        side = torch.cuda.Stream()
+        times = []
+        with torch.inference_mode():
+            for _ in range(self.args.reps + 1):
+                sync()
+                t0 = time.perf_counter()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # the previous batch's decode, the next's encode
+                    decode()
+                    encode2()
+                denoise(pred, make_scheduler(), noise, conditions, audio, steps=20)
+                sync()
+                times.append(time.perf_counter() - t0)
+        self.add(
+            "exact graphs + VAE on a 2nd stream, overlapped",
+            px,
+            b,
+            20,
+            statistics.median(times[1:]),
+        )
+
+    def first_chunk(self, px: int) -> None:
+        """Audio available -> 16 frames on the host, B=1, warm (graphs captured)."""
+        latent = px // 8
+        encoder = WhisperEncoder().to(self.device)
+        extractor = AudioFeatureExtractor(encoder, device=self.device, dtype=self.dtype)
+        samples = required_samples(FRAMES, FPS)
+        rng = np.random.default_rng(0)
+        audio = (0.1 * rng.standard_normal(samples)).astype(np.float32)
+        chunk = ChunkAudio(audio, 0, FRAMES, FPS)
+        noise, conditions, _ = chunk_inputs(1, latent, self.device, self.dtype)
+        images = torch.randn(FRAMES, 3, px, px, device=self.device, dtype=self.dtype)
+        for name, pred, kind, steps, with_encode in (
+            ("exact, avatar latents cached", self.graphs(), "ddim", 20, False),
+            ("exact, + VAE encode x2", self.graphs(), "ddim", 20, True),
+            ("DPM-Solver++ 10 + DeepCache 3", self.graphs(3), "dpm++", 10, False),
+        ):
+            parts: dict[str, list[float]] = {"features": [], "encode": [], "unet": [], "decode": []}
+            totals = []
+            for rep in range(self.args.reps + 2):  # the first rep warms (captures graphs)
+                marks = [time.perf_counter()]
+                with torch.inference_mode():
+                    feats = extractor.chunk_features([chunk])  # (F, 50, 384)
+                    sync()
+                    marks.append(time.perf_counter())
+                    if with_encode:
+                        for _ in range(2):
+                            self.vae.encode(images).latent_dist.mode()
+                    sync()
+                    marks.append(time.perf_counter())
+                    cond_audio = torch.cat([torch.zeros_like(feats), feats])
+                    out = denoise(
+                        pred, make_scheduler(kind), noise, conditions, cond_audio, steps=steps
+                    )
+                    sync()
+                    marks.append(time.perf_counter())
+                    frames = self.vae.decode(out[0].transpose(0, 1) / VAE_SCALE).sample
+                    pixels = ((frames.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1)
+                    pixels.cpu()
+                    marks.append(time.perf_counter())
+                if rep >= 2:
+                    for key, a, z in zip(parts, marks[:-1], marks[1:], strict=True):
+                        parts[key].append(z - a)
+                    totals.append(marks[-1] - marks[0])
+            split = ", ".join(f"{k} {1000 * statistics.median(v):.0f}" for k, v in parts.items())
+            self.notes.append(
+                f"{px}px first chunk ({name}): {1000 * statistics.median(totals):.0f} ms"
+                f" audio->16 frames on host ({split} ms)"
+            )
+            log(self.notes[-1])
+
+    def aot(self, px: int, b: int) -> None:
+        """AOTInductor for one shape vs graphs and eager (same run), then a fresh process."""
+        latent = px // 8
+        sample_shape = (2 * b, 13, FRAMES, latent, latent)
+        audio_shape = (2 * b * FRAMES, 50, 384)
+        graphs = self.graphs()
+        t0 = time.perf_counter()
+        if isinstance(graphs, GraphPredictor):
+            graphs.warmup(sample_shape, audio_shape)
+        self.notes.append(
+            f"{px}px B={b} CUDA graph capture at start (no compiling):"
+            f" {time.perf_counter() - t0:.2f} s"
+        )
+        pred = AotPredictor.load_or_compile(
+            self.unet, sample_shape, audio_shape, self.args.aot_dir, RANDOM_WEIGHTS_ID
+        )
+        what = "compiled + loaded" if pred.compiled_now else "loaded from the disk cache"
+        size = pred.path.stat().st_size / 2**20
+        self.notes.append(
+            f"{px}px B={b} AOTInductor artifact {pred.path.name} ({size:.0f} MiB with weights):"
+            f" {what} in {pred.seconds:.1f} s; one call vs eager: rel. L2"
+            f" {pred.verified_error:.2e}"
+        )
+        log(self.notes[-1])
+        for name, predictor in (
+            ("eager", UNetPredictor(self.unet)),
+            ("CUDA graphs", graphs),
+            ("AOTInductor", pred),
+        ):
+            ms = self.call_ms(predictor, b, latent)
+            self.notes.append(f"{px}px B={b} one UNet call, {name}: {ms:.1f} ms")
+            log(self.notes[-1])
+        graph_s, graph_out = self.loop(graphs, b, latent)
+        self.add("+ CUDA graphs (this run's baseline)", px, b, 20, graph_s)
+        s, out = self.loop(pred, b, latent)
+        self.add("AOTInductor (torch.export), exact", px, b, 20, s, relative_error(out, graph_out))
+        self.notes.append(
+            "AOTInductor row: rel. L2 is against the CUDA-graph (eager kernels) result on the"
+            " same B-chunk inputs, not the B=1 exact run"
+        )
+        if "aotwarm" not in self.args.sections:  # the parent: a fresh process's warm start
+            cmd = [sys.executable, __file__, "--config", self.args.config, "--sections", "aotwarm"]
+            cmd += ["--aot-dir", str(self.args.aot_dir), "--aot-batch", str(b)]
+            cmd += ["--tiny"] if self.args.tiny else []
+            t0 = time.perf_counter()
+            child = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            wall = time.perf_counter() - t0
+            lines = [ln for ln in child.stdout.splitlines() if ln.startswith("warm start:")]
+            self.notes.append(
+                f"fresh process, artifact on disk: {wall:.1f} s from launch to exit"
+                f" ({lines[-1] if lines else 'child failed: ' + child.stderr[-300:]})"
+            )
+            log(self.notes[-1])
+
+    def profile(self, px: int, b: int) -> None:
+        """Where one eager UNet call spends GPU time: the top kernels, to a text file."""
+        latent = px // 8
+        noise, conditions, audio = chunk_inputs(b, latent, self.device, self.dtype)
+        x = torch.cat([torch.cat([noise, noise]), conditions], dim=1)
+        with torch.inference_mode():
+            for _ in range(2):
+                self.unet(x, 500, audio)
+            sync()
+            with torch.profiler.profile() as prof:
+                self.unet(x, 500, audio)
+                sync()
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)
+        Path(self.args.profile_out).write_text(f"{px}px B={b} one eager UNet call\n{table}\n")
+        log(table[:6000])
+
+    def aot_warm_start(self, px: int, b: int) -> None:
+        """Child process: load the cached artifact and make the first prediction."""
+        latent = px // 8
+        sample_shape = (2 * b, 13, FRAMES, latent, latent)
+        audio_shape = (2 * b * FRAMES, 50, 384)
+        built = time.perf_counter() - self.started
+        pred = AotPredictor.load_or_compile(
+            self.unet, sample_shape, audio_shape, self.args.aot_dir, RANDOM_WEIGHTS_ID
+        )
+        noise, conditions, audio = chunk_inputs(b, latent, self.device, self.dtype)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pred(torch.cat([torch.cat([noise, noise]), conditions], dim=1), 500, audio)
+        sync()
+        first = time.perf_counter() - t0
+        print(
+            f"warm start: model built {built:.1f} s (imports excluded), artifact"
+            f" {'compiled' if pred.compiled_now else 'loaded'} in {pred.seconds:.2f} s,"
+            f" first UNet call {1000 * first:.0f} ms",
+            flush=True,
+        )
+
+    # ---------------------------------------------------------------- report
+
+    def markdown(self) -> str:
+        header = [
+            "row",
+            "px",
+            "B chunks",
+            "steps",
+            "ms / batch",
+            "fps",
+            "ms / step",
+            "rel. L2 vs exact",
+            "GPU mem GiB",
+        ]
+        lines = [
+            f"# LatentSync UNet benchmark: {self.card}",
+            "",
+            f"Machine: {describe()}; torch {torch.__version__}; {self.dtype}; random weights;"
+            f" 16-frame chunks, CFG (UNet batch 2B), guidance {GUIDANCE}.",
+            f"UNet weights: {self.weights_gib:.2f} GiB, VAE {self.vae_gib:.2f} GiB. Memory column:"
+            " eager rows peak allocated; graph rows memory held after capture (UNet and VAE"
+            " weights + graph pool + static inputs). Both include UNet + VAE weights.",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
+        if self.skipped:
+            lines += ["", f"Skipped (time budget): {', '.join(self.skipped)}"]
+        return "\n".join(lines) + "\n"
+
+    def save(self) -> None:
+        text = self.markdown()
+        for path in self.args.out:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+
+
+def fmt_mem(mem: dict[str, float], key: str) -> str:
+    return f"{mem[key]:.2f}" if key in mem else ""
+
+
+def timed_ms(fn: Callable[[], object], reps: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def read_config(args: argparse.Namespace) -> UNetConfig:
+    raw = json.loads(Path(args.config).read_text())
+    return UNetConfig.from_dict(raw.get("config", raw))  # a manifest or a bare config
+
+
+def card_slug(name: str) -> str:
+    found = re.search(r"[hab]\d{3}", name.lower())
+    return found.group(0) if found else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config", default="../shared/manifests/latentsync_unet_stage2.json")
+    parser.add_argument("--out", nargs="*", default=[], help="markdown files to write")
+    parser.add_argument("--reps", type=int, default=2, help="timed loops per row (median)")
+    parser.add_argument("--budget-s", type=float, default=480, help="skip rows after this")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes: smoke-test the script")
+    parser.add_argument(
+        "--sections", default="all", help="comma-separated; 'aot' is never in 'all'"
+    )
+    parser.add_argument("--aot-dir", type=Path, default=Path(".cache/aoti"))
+    parser.add_argument("--aot-batch", type=int, default=8, help="chunks per AOT-compiled call")
+    parser.add_argument("--profile-out", default="latentsync_profile.txt")
+    args = parser.parse_args()
+    if args.tiny:  # a CPU smoke run: 4-frame chunks, one thread (a busy shared machine)
+        global FRAMES
+        FRAMES = 4
+        torch.set_num_threads(1)
+    bench = Bench(args)
+    log(f"{bench.card}: weights {bench.weights_gib:.2f} GiB")
+    small, large = (128, 256) if args.tiny else (256, 512)
+    sections = args.sections.split(",") if args.sections != "all" else ["all"]
+
+    def want(name: str) -> bool:
+        optional = name.startswith("aot") or name == "profile"
+        return name in sections or ("all" in sections and not optional)
+
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("throughput", lambda: bench.throughput(small, [1, 2, 4, 8], [2, 4, 8])),
+        ("approx", lambda: bench.approximations(small, [1, 8])),
+        ("kernels", lambda: bench.kernels(small, 8)),
+        ("vae", lambda: bench.vae_and_overlap(small, 8)),
+        ("latency", lambda: bench.first_chunk(small)),
+        ("throughput512", lambda: bench.throughput(large, [1, 2, 4], [])),
+        ("approx512", lambda: bench.approximations(large, [1, 4])),
+        ("profile", lambda: bench.profile(small, 1)),
+        ("aot", lambda: bench.aot(small, args.aot_batch)),
+        ("aotwarm", lambda: bench.aot_warm_start(small, args.aot_batch)),
+    ]
+    for name, run in steps:
+        if not want(name):
+            continue
+        if not bench.time_left():
+            bench.skipped.append(name)
+            continue
+        log(f"section {name}")
+        run()
+        bench.save()
+        gc.collect()
+        if bench.cuda:
+            torch.cuda.empty_cache()
+    bench.save()
+    print(bench.markdown())
+    slug = card_slug(bench.card)
+    log(f"card slug {slug}; {time.perf_counter() - bench.started:.0f} s; pid {os.getpid()}")
+    assert math.isfinite(bench.weights_gib)
+
+
+if __name__ == "__main__":
+    main()

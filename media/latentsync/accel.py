@@ -1,0 +1,467 @@
+"""Fast noise predictors for the LatentSync UNet, and the schedulers that go with them.
+
+A noise predictor is the pipeline's pluggable step:
+`(latent_model_input (2B, 13, F, h, w), t, audio (2B*F, 50, 384)) -> (2B, 4, F, h, w)`,
+plus `reset()`, called before each denoising loop (a chunk batch) so that
+predictors with per-loop state (DeepCache) start fresh.
+
+- `UNetPredictor`: eager; `cache_interval` N > 1 turns DeepCache on (full UNet on
+  steps 0, N, 2N, ..., the shallow path on the others).
+- `GraphPredictor`: the same, each input shape captured once into CUDA graphs
+  (one for full steps, one for shallow steps) and replayed: no Python or launch
+  overhead per step, no compiling.
+- `AotPredictor`: torch.export + AOTInductor, the compiled package (weights
+  included) cached on disk under a key of (config, weights id, dtype, shapes, GPU,
+  torch version) and loaded when present; checked against eager at every load.
+- `make_scheduler`: exact DDIM (LatentSync's) or DPM-Solver++ (fewer steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, cast
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from media.latentsync.unet import DeepCacheState, UNet3DConditionModel
+
+# LatentSync's scheduler (Stable Diffusion 1.5's DDIM settings).
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+SchedulerKind = Literal["ddim", "dpm++"]
+
+
+class Scheduler(Protocol):
+    """The part of a diffusers scheduler the denoising loop uses."""
+
+    timesteps: torch.Tensor
+    init_noise_sigma: float
+
+    def set_timesteps(self, num_inference_steps: int) -> None: ...
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor: ...
+
+    def step(
+        self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor
+    ) -> Any: ...
+
+
+def make_scheduler(kind: SchedulerKind = "ddim") -> Scheduler:
+    """A fresh scheduler (they hold per-loop state: make one per denoising loop).
+
+    "ddim": LatentSync's exact sampler (use with 20 steps). "dpm++": second-order
+    multistep DPM-Solver++ on the same noise schedule, for 8-10 steps; its last
+    steps drop to first order, which keeps few-step runs stable. Both space
+    timesteps "leading" (DDIM's setting): the initial noise is taken as the same
+    kind of sample the exact loop starts from.
+    """
+    if kind == "ddim":
+        return cast(Scheduler, DDIMScheduler(**SCHEDULER_CONFIG))  # type: ignore[no-untyped-call]
+    if kind == "dpm++":
+        config = {
+            k: v
+            for k, v in SCHEDULER_CONFIG.items()
+            if k not in ("clip_sample", "set_alpha_to_one")
+        }
+        dpm = DPMSolverMultistepScheduler(  # type: ignore[no-untyped-call]
+            **config,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            lower_order_final=True,
+            timestep_spacing="leading",
+        )
+        return cast(Scheduler, dpm)
+    raise ValueError(f"unknown scheduler kind {kind!r}; expected 'ddim' or 'dpm++'")
+
+
+class NoisePredictor(Protocol):
+    """The pipeline's UNet step (see the module docstring)."""
+
+    def reset(self) -> None:
+        """A new denoising loop starts (a new chunk batch)."""
+
+    def __call__(
+        self, latent_model_input: torch.Tensor, t: torch.Tensor | int, audio: torch.Tensor
+    ) -> torch.Tensor:
+        """(2B, 13, F, h, w), timestep, (2B*F, 50, 384) -> noise (2B, 4, F, h, w)."""
+        ...
+
+
+class _StepClock:
+    """Which steps of a loop run the full UNet under DeepCache: 0, N, 2N, ..."""
+
+    def __init__(self, interval: int) -> None:
+        if interval < 1:
+            raise ValueError(f"cache_interval must be >= 1, got {interval}")
+        self.interval = interval
+        self.step = 0
+
+    def reset(self) -> None:
+        self.step = 0
+
+    def tick(self) -> bool:
+        """True when this step refreshes the cache (runs the whole UNet)."""
+        refresh = self.step % self.interval == 0
+        self.step += 1
+        return refresh
+
+
+class UNetPredictor:
+    """Eager UNet calls; DeepCache when `cache_interval` > 1 (1 is the exact UNet)."""
+
+    def __init__(self, unet: UNet3DConditionModel, cache_interval: int = 1) -> None:
+        self.unet = unet
+        self._clock = _StepClock(cache_interval)
+        self._cache = DeepCacheState() if cache_interval > 1 else None
+
+    def reset(self) -> None:
+        self._clock.reset()
+        if self._cache is not None:
+            self._cache.deep = None
+
+    @torch.inference_mode()
+    def __call__(
+        self, latent_model_input: torch.Tensor, t: torch.Tensor | int, audio: torch.Tensor
+    ) -> torch.Tensor:
+        refresh = self._clock.tick()
+        if self._cache is not None:
+            self._cache.refresh = refresh
+        out: torch.Tensor = self.unet(latent_model_input, t, audio, cache=self._cache)
+        return out
+
+
+@dataclass(slots=True)
+class _Graphs:
+    """Static inputs and the captured graphs of one input shape."""
+
+    sample: torch.Tensor  # (2B, 13, F, h, w)
+    timestep: torch.Tensor  # (1,) int64
+    audio: torch.Tensor  # (2B*F, 50, 384)
+    full: torch.cuda.CUDAGraph
+    full_out: torch.Tensor  # (2B, 4, F, h, w), overwritten by every replay
+    shallow: torch.cuda.CUDAGraph | None
+    shallow_out: torch.Tensor | None
+
+
+class GraphPredictor:
+    """CUDA-graph replay of the UNet, captured once per input shape (lazily or by `warmup`).
+
+    Each shape costs one graph memory pool (the activations of one forward) that
+    lives as long as the predictor; the full and shallow graphs of a shape share
+    it (safe: they never run at once, outputs are copied out at once and the
+    cached deep features are allocated before the shallow graph is captured).
+    `sdpa` pins the attention kernels the graphs are captured with.
+    """
+
+    WARMUP_CALLS = 2  # eager calls before capture: cuDNN/cuBLAS choose kernels, allocator settles
+
+    def __init__(
+        self,
+        unet: UNet3DConditionModel,
+        cache_interval: int = 1,
+        sdpa: Sequence[SDPBackend] | None = None,
+    ) -> None:
+        self.unet = unet
+        self._clock = _StepClock(cache_interval)
+        self._sdpa = list(sdpa) if sdpa is not None else None
+        self._graphs: dict[tuple[Any, ...], _Graphs] = {}
+
+    def reset(self) -> None:
+        self._clock.reset()
+
+    def warmup(self, sample_shape: Sequence[int], audio_shape: Sequence[int]) -> None:
+        """Capture the graphs for one input shape now instead of at its first call."""
+        param = next(self.unet.parameters())
+        self._get(tuple(sample_shape), tuple(audio_shape), param.dtype, param.device)
+
+    @torch.inference_mode()
+    def __call__(
+        self, latent_model_input: torch.Tensor, t: torch.Tensor | int, audio: torch.Tensor
+    ) -> torch.Tensor:
+        g = self._get(
+            tuple(latent_model_input.shape), tuple(audio.shape), audio.dtype, audio.device
+        )
+        timestep = torch.as_tensor(t)
+        if timestep.numel() != 1:
+            raise ValueError(f"GraphPredictor takes one timestep per call, got {timestep.shape}")
+        g.sample.copy_(latent_model_input)
+        g.audio.copy_(audio)
+        g.timestep.copy_(timestep.reshape(1))
+        if self._clock.tick() or g.shallow is None:
+            g.full.replay()
+            return g.full_out.clone()
+        g.shallow.replay()
+        assert g.shallow_out is not None
+        return g.shallow_out.clone()
+
+    def _get(
+        self,
+        sample_shape: tuple[int, ...],
+        audio_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> _Graphs:
+        key = (sample_shape, audio_shape, dtype, device)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(sample_shape, audio_shape, dtype, device)
+        return self._graphs[key]
+
+    @contextlib.contextmanager
+    def _kernels(self) -> Iterator[None]:
+        if self._sdpa is None:
+            yield
+        else:
+            with sdpa_kernel(self._sdpa):
+                yield
+
+    @torch.inference_mode()
+    def _capture(
+        self,
+        sample_shape: tuple[int, ...],
+        audio_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> _Graphs:
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        # Real-valued inputs (not zeros) for the warm-up: nothing may hit special paths.
+        sample = torch.randn(sample_shape, device=device, dtype=dtype)
+        timestep = torch.full((1,), 500, device=device, dtype=torch.long)
+        audio = torch.randn(audio_shape, device=device, dtype=dtype)
+        cache = DeepCacheState() if self._clock.interval > 1 else None
+
+        side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), self._kernels():
+            for _ in range(self.WARMUP_CALLS):
+                self._forward(sample, timestep, audio, cache, refresh=True)
+                if cache is not None:
+                    self._forward(sample, timestep, audio, cache, refresh=False)
+        torch.cuda.current_stream(device).wait_stream(side)
+
+        pool = torch.cuda.graph_pool_handle()
+        full = torch.cuda.CUDAGraph()
+        with self._kernels(), torch.cuda.graph(full, pool=pool):
+            full_out = self._forward(sample, timestep, audio, cache, refresh=True)
+        shallow = shallow_out = None
+        if cache is not None:  # cache.deep is now the full graph's static output
+            shallow = torch.cuda.CUDAGraph()
+            with self._kernels(), torch.cuda.graph(shallow, pool=pool):
+                shallow_out = self._forward(sample, timestep, audio, cache, refresh=False)
+        return _Graphs(sample, timestep, audio, full, full_out, shallow, shallow_out)
+
+    def _forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        audio: torch.Tensor,
+        cache: DeepCacheState | None,
+        *,
+        refresh: bool,
+    ) -> torch.Tensor:
+        if cache is not None:
+            cache.refresh = refresh
+        out: torch.Tensor = self.unet(sample, timestep, audio, cache=cache)
+        return out
+
+
+def denoise(
+    predictor: NoisePredictor,
+    scheduler: Scheduler,
+    noise: torch.Tensor,
+    conditions: torch.Tensor,
+    audio: torch.Tensor,
+    *,
+    steps: int,
+    guidance: float = 1.5,
+) -> torch.Tensor:
+    """LatentSync's denoising loop with classifier-free guidance over an audio-free half.
+
+    noise: (B, 4, F, h, w) initial latents; conditions: (2B, 9, F, h, w) mask 1 +
+    masked-face latent 4 + reference latent 4, the same for both halves; audio:
+    (2B*F, 50, 384), the first B*F rows the unconditional (zero) features.
+    Returns the final latents (B, 4, F, h, w). The reference loop of the benchmark
+    and tests; the renderer's pipeline runs the same steps.
+    """
+    if guidance <= 1.0:
+        raise ValueError(f"guidance {guidance} <= 1 needs no unconditional half; not supported")
+    # Timesteps stay on the CPU: the scheduler's table lookups then need no device sync.
+    scheduler.set_timesteps(steps)
+    predictor.reset()
+    latents = noise * scheduler.init_noise_sigma  # (B, 4, F, h, w)
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        model_input = torch.cat([model_input, conditions], dim=1)  # (2B, 13, F, h, w)
+        uncond, cond = predictor(model_input, t, audio).chunk(2)  # (B, 4, F, h, w) each
+        eps = uncond + guidance * (cond - uncond)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    out: torch.Tensor = latents
+    return out
+
+
+# ---------------------------------------------------------------- ahead-of-time compilation
+
+
+# Names the export/compile settings of `_compile_package`; change it when they change.
+AOT_RECIPE = "export+aoti-embedded-weights-v1"
+
+
+@dataclass(frozen=True, slots=True)
+class AotKey:
+    """What an AOTInductor artifact depends on; its digest names the file."""
+
+    config_sha256: str  # the UNet architecture (UNetConfig as JSON)
+    dtype: str
+    sample_shape: tuple[int, ...]  # (2B, 13, F, h, w)
+    audio_shape: tuple[int, ...]  # (2B*F, 50, 384)
+    gpu: str  # torch.cuda.get_device_name, or "cpu"
+    torch_version: str
+    weights_id: str  # the checkpoint's identity: the weights are compiled into the artifact
+    recipe: str = AOT_RECIPE  # how it was compiled (see `_compile_package`)
+
+    @classmethod
+    def of(
+        cls,
+        unet: UNet3DConditionModel,
+        sample_shape: Sequence[int],
+        audio_shape: Sequence[int],
+        weights_id: str,
+    ) -> AotKey:
+        param = next(unet.parameters())
+        config = json.dumps(asdict(unet.config), sort_keys=True, default=list)
+        device = param.device
+        return cls(
+            config_sha256=hashlib.sha256(config.encode()).hexdigest(),
+            dtype=str(param.dtype).removeprefix("torch."),
+            sample_shape=tuple(sample_shape),
+            audio_shape=tuple(audio_shape),
+            gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            torch_version=torch.__version__,
+            weights_id=weights_id,
+        )
+
+    def filename(self) -> str:
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        shape = "x".join(str(n) for n in self.sample_shape)
+        return f"latentsync_unet_{self.dtype}_{shape}_{digest[:16]}.pt2"
+
+
+# Relative L2 between the AOTInductor and eager outputs of one call that a load accepts:
+# fused fp16 kernels round differently (about 1e-3); a wrong weight is far above 1e-2.
+AOT_TOLERANCE = 1e-2
+
+
+class AotMismatchError(RuntimeError):
+    """A loaded AOTInductor artifact does not compute what the eager UNet computes."""
+
+
+class AotPredictor:
+    """An AOTInductor-compiled exact UNet for one fixed input shape (no DeepCache)."""
+
+    def __init__(self, runner: Any, compiled_now: bool, seconds: float, path: Path) -> None:
+        self._runner = runner
+        self.compiled_now = compiled_now  # False: loaded from the disk cache
+        self.seconds = seconds  # compile + load, or load alone (verification excluded)
+        self.path = path
+        self.verified_error = math.nan  # relative L2 vs eager at load
+
+    @classmethod
+    def load_or_compile(
+        cls,
+        unet: UNet3DConditionModel,
+        sample_shape: Sequence[int],
+        audio_shape: Sequence[int],
+        cache_dir: Path,
+        weights_id: str,
+    ) -> AotPredictor:
+        """Load this key's artifact from `cache_dir`; compile and store it first if absent.
+
+        `weights_id` names the checkpoint (a file digest, say): the artifact holds the
+        weights, so another checkpoint needs another artifact. (Binding the model's own
+        tensors at load, `package_constants_in_so=False`, crashed the CUDA loader of
+        torch 2.11 in `aoti_load_package` for this model: segfault, 2026-11.)
+        """
+        start = time.perf_counter()
+        path = cache_dir / AotKey.of(unet, sample_shape, audio_shape, weights_id).filename()
+        compiled_now = not path.is_file()
+        if compiled_now:
+            _compile_package(unet, tuple(sample_shape), tuple(audio_shape), path)
+        runner = torch._inductor.aoti_load_package(str(path))
+        predictor = cls(runner, compiled_now, time.perf_counter() - start, path)
+        predictor._verify(unet, tuple(sample_shape), tuple(audio_shape))
+        return predictor
+
+    def _verify(
+        self,
+        unet: UNet3DConditionModel,
+        sample_shape: tuple[int, ...],
+        audio_shape: tuple[int, ...],
+    ) -> None:
+        """One call against the eager UNet: a stale or mis-bound artifact fails here, loudly."""
+        param = next(unet.parameters())
+        gen = torch.Generator(param.device).manual_seed(0)
+        sample = torch.randn(sample_shape, generator=gen, device=param.device, dtype=param.dtype)
+        audio = torch.randn(audio_shape, generator=gen, device=param.device, dtype=param.dtype)
+        with torch.inference_mode():
+            expected = unet(sample, 500, audio).double()
+            actual = self(sample, 500, audio).double()
+        error = float((actual - expected).norm() / expected.norm())
+        if not error < AOT_TOLERANCE:
+            raise AotMismatchError(
+                f"{self.path}: AOTInductor output differs from the eager UNet by {error:.3g}"
+                f" (relative L2, limit {AOT_TOLERANCE}); delete the artifact to recompile"
+            )
+        self.verified_error = error
+
+    def reset(self) -> None:
+        pass
+
+    @torch.inference_mode()
+    def __call__(
+        self, latent_model_input: torch.Tensor, t: torch.Tensor | int, audio: torch.Tensor
+    ) -> torch.Tensor:
+        timestep = torch.as_tensor(t, device=audio.device).reshape(1)
+        out: torch.Tensor = self._runner(latent_model_input, timestep, audio)
+        return out
+
+
+def _compile_package(
+    unet: UNet3DConditionModel,
+    sample_shape: tuple[int, ...],
+    audio_shape: tuple[int, ...],
+    path: Path,
+) -> None:
+    param = next(unet.parameters())
+    example = (
+        torch.randn(sample_shape, device=param.device, dtype=param.dtype),
+        torch.full((1,), 500, device=param.device, dtype=torch.long),
+        torch.randn(audio_shape, device=param.device, dtype=param.dtype),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # AOTI wants a .pt2 suffix
+    with torch.no_grad():
+        program = torch.export.export(unet, example)
+        torch._inductor.aoti_compile_and_package(
+            program,
+            package_path=str(tmp),
+        )
+    os.replace(tmp, path)  # atomic: a concurrent loader sees no half-written file
