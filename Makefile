@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: serve test check bench setup test-deps
+.PHONY: serve test check bench load setup test-deps
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,3 +32,8 @@ check: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench.serve_capacity
+
+# A short load run against a server already started with `make serve`.
+load: $(VENV)/.installed
+	$(BIN)/python -m load_tests --url ws://127.0.0.1:8765/v1/session --users 4 --duration 30 \
+		--slo-ttff-p95 2 --slo-gap-p95 0.1 $(ARGS)
