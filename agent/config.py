@@ -193,11 +193,24 @@ class CpuRendererConfig(_Config):
 class LatentSyncConfig(_Config):
     checkpoint_dir: Path = Field(Path("checkpoints"), description="Folder with the weights.")
     resolution: Literal[256, 512] = Field(256, description="Face crop size (v1.5: 256, v1.6: 512).")
-    inference_steps: int = Field(20, ge=1, description="DDIM steps per chunk.")
+    inference_steps: int = Field(
+        20, ge=1, description="Denoising steps per chunk (LatentSync: 20 DDIM; dpm++: 8-10)."
+    )
     guidance_scale: float = Field(1.5, ge=1.0, description="Classifier-free guidance scale.")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Compute dtype.")
     max_batch: int = Field(4, ge=1, description="Chunks batched into one UNet call.")
     seed: int = Field(1247, description="Seed of the initial latents.")
+    sampler: Literal["ddim", "dpm++"] = Field(
+        "ddim", description="ddim: LatentSync's exact sampler; dpm++: DPM-Solver++, fewer steps."
+    )
+    deepcache_interval: int = Field(
+        1, ge=1, description="DeepCache: the whole UNet every N steps, its shallow path between;"
+        " 1 = off (exact)."
+    )
+    cuda_graphs: bool = Field(
+        True, description="Replay the UNet as CUDA graphs, captured per batch size at warm-up"
+        " (CUDA devices only; same numbers as eager)."
+    )
 
 
 class RendererConfig(_Config):

@@ -50,7 +50,6 @@ from media.avatar import Avatar
 from media.encode import EncodedFrame, encode_loop
 from media.idle_video import idle_frames
 from media.types import Renderer
-from sessions.redis_store import RedisSessionStore
 from sessions.store import MemorySessionStore, SessionStore
 
 log = structlog.get_logger(__name__)
@@ -95,7 +94,9 @@ class AgentServer:
 
     async def start(self) -> None:
         cfg = self.config.server
-        if isinstance(self.store, RedisSessionStore):
+        # sessions.redis_store (and redis) is imported only when a Redis store is made.
+        redis_store = sys.modules.get("sessions.redis_store")
+        if redis_store is not None and isinstance(self.store, redis_store.RedisSessionStore):
             await self.store.ping()
         tls = _tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert and cfg.tls_key else None
         self.engine.start()
@@ -381,6 +382,8 @@ class AgentServer:
 
 def _make_store(config: AgentConfig) -> SessionStore:
     if config.server.state_url:
+        from sessions.redis_store import RedisSessionStore  # redis only when configured
+
         return RedisSessionStore(config.server.state_url)
     return MemorySessionStore(time.monotonic)
 

@@ -61,8 +61,9 @@ class NoisePredictor(Protocol):
     def reset(self) -> None:
         """A new denoising loop (one batch of chunks) starts: drop per-loop state."""
 
+    # Positional-only: runners name their parameters as they like (accel's do).
     def __call__(
-        self, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor, /
     ) -> torch.Tensor: ...
 
 

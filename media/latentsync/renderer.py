@@ -12,6 +12,11 @@ Weights come from `config.checkpoint_dir` (never downloaded):
 `latentsync_unet.pt` (v1.5 for 256 px, v1.6 for 512 px; the architecture is the
 packaged `configs/stage2*.json`), `whisper/tiny.pt` and `sd-vae-ft-mse/`.
 Calls are serialised (one GPU stream); stage times are those of the batch.
+
+The sampler and the UNet runner come from config (`sampler`, `deepcache_interval`,
+`cuda_graphs`; the defaults are LatentSync's exact 20-step DDIM): see
+`noise_predictor_for` and `scheduler_for`. With CUDA graphs, `warmup` captures one
+graph per batch size up to `max_batch`, so no capture stalls a live chunk.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -29,6 +35,8 @@ import torch
 from agent.config import LatentSyncConfig
 from agent.errors import ConfigError, GpuOutOfMemory, NotFound, RenderError
 from media.avatar import Avatar
+from media.latentsync import accel
+from media.latentsync.accel import GraphPredictor, UNetPredictor
 from media.latentsync.audio_features import AudioFeatureExtractor, required_samples
 from media.latentsync.checkpoint import load_unet
 from media.latentsync.config import UNetConfig
@@ -49,7 +57,6 @@ from media.latentsync.pipeline import (
     Scheduler,
     audio_conditioning,
     chunk_audio,
-    make_scheduler,
 )
 from media.latentsync.vae import SD_VAE_SHAPE, LatentCodec, VaeShape, find_vae, load_vae
 from media.latentsync.whisper import load_whisper_encoder
@@ -127,6 +134,26 @@ def load_models(
                           ) from None
 
 
+def noise_predictor_for(config: LatentSyncConfig, models: LatentSyncModels) -> NoisePredictor:
+    """The UNet runner that `config` asks for: CUDA-graph replay on a CUDA device when
+    `cuda_graphs` (the CPU has no graphs: eager there), DeepCache when
+    `deepcache_interval` > 1."""
+    if config.cuda_graphs and models.device.type == "cuda":
+        return GraphPredictor(models.unet, config.deepcache_interval)
+    return UNetPredictor(models.unet, config.deepcache_interval)
+
+
+def scheduler_for(sampler: Literal["ddim", "dpm++"]) -> Callable[[], Scheduler]:
+    """A factory of fresh schedulers of one kind (multistep ones hold per-loop state)."""
+
+    def make() -> Scheduler:
+        scheduler = accel.make_scheduler(sampler)
+        assert isinstance(scheduler, Scheduler)  # accel's are the diffusers classes
+        return scheduler
+
+    return make
+
+
 @dataclass(frozen=True, slots=True)
 class _ChunkPlan:
     """A validated chunk: its avatar's faces, 16 frame specs (padded) and audio."""
@@ -155,8 +182,8 @@ class LatentSyncRenderer:
     Loads the checkpoints of `config.checkpoint_dir` on `device` (default: the
     first CUDA device; there is no CPU default, a real chunk would take minutes)
     in `dtype` (default: `config.dtype` on CUDA, float32 on the CPU).
-    `noise_predictor` replaces the eager UNet call (CUDA graphs, DeepCache) and
-    `scheduler` makes the sampler of each denoising loop (default: LatentSync's DDIM).
+    `noise_predictor` and `scheduler` (a factory of the sampler of each denoising
+    loop) replace the ones config asks for (`noise_predictor_for`, `scheduler_for`).
     `models` skips loading (shared, already-built modules; see `from_models`), and
     `resolution` then overrides the crop size.
     """
@@ -169,7 +196,7 @@ class LatentSyncRenderer:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         noise_predictor: NoisePredictor | None = None,
-        scheduler: Callable[[], Scheduler] = make_scheduler,
+        scheduler: Callable[[], Scheduler] | None = None,
         models: LatentSyncModels | None = None,
         resolution: int | None = None,
     ) -> None:
@@ -185,9 +212,11 @@ class LatentSyncRenderer:
         if self.resolution % models.codec.downsample:
             raise ConfigError(f"crop size {self.resolution} is not a multiple of the VAE's "
                               f"{models.codec.downsample}x downsampling")
-        denoiser = ChunkDenoiser(models, inference_steps=config.inference_steps,
-                                 guidance_scale=config.guidance_scale, seed=config.seed,
-                                 predictor=noise_predictor, scheduler=scheduler)
+        denoiser = ChunkDenoiser(
+            models, inference_steps=config.inference_steps,
+            guidance_scale=config.guidance_scale, seed=config.seed,
+            predictor=noise_predictor or noise_predictor_for(config, models),
+            scheduler=scheduler or scheduler_for(config.sampler))
         masks = crop_masks(self.resolution, models.codec.downsample, models.device)
         self._loaded: _Loaded | None = _Loaded(models, denoiser, masks)
         self._seed = config.seed
@@ -209,7 +238,7 @@ class LatentSyncRenderer:
         *,
         resolution: int | None = None,
         noise_predictor: NoisePredictor | None = None,
-        scheduler: Callable[[], Scheduler] = make_scheduler,
+        scheduler: Callable[[], Scheduler] | None = None,
     ) -> LatentSyncRenderer:
         """A renderer over already-built modules (shared: `close` only drops this renderer's
         references); `resolution` may be any multiple of the VAE's downsampling (tiny models
@@ -224,7 +253,8 @@ class LatentSyncRenderer:
     def warmup(self) -> None:
         """Run one synthetic chunk through every stage (encode, audio, UNet, decode, paste)
         so the first real chunk pays no first-call costs. Its frames are silent: the audio
-        encoder runs once for the features of silence, which every turn's tail needs."""
+        encoder runs once for the features of silence, which every turn's tail needs.
+        A CUDA-graph predictor first captures its graphs for every batch size."""
         with self._lock, torch.inference_mode():
             core = self._core()
             models, r = core.models, self.resolution
@@ -237,6 +267,7 @@ class LatentSyncRenderer:
             silent = np.zeros(required_samples(CHUNK_FRAMES, WARMUP_FPS), np.float32)
             audio = audio_conditioning(models, [AudioRequest(
                 chunk_audio(silent, 0, CHUNK_FRAMES, WARMUP_FPS, False), speech)])
+            self._capture_graphs(core, latents.shape, audio.shape)
             out = core.denoiser.denoise(core.masks.latent, latents, latents, audio)
             pictures = core.denoiser.decode(out[0].permute(1, 0, 2, 3))  # (F, 3, r, r)
             frame = np.full((1, 2 * r, 2 * r, 3), 127, np.uint8)
@@ -271,6 +302,18 @@ class LatentSyncRenderer:
             del loaded
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def _capture_graphs(self, core: _Loaded, latents: torch.Size, audio: torch.Size) -> None:
+        """latents (1, C, F, h, w) and audio (F, S, W) of one chunk: capture the UNet input
+        shapes of every batch size (guided: 2B rows)."""
+        predictor = core.denoiser.predictor
+        if not isinstance(predictor, GraphPredictor):
+            return
+        _, c, f, h, w = latents
+        halves = 2 if core.denoiser.guided else 1
+        for b in range(1, self._caps.max_batch + 1):
+            rows = halves * b
+            predictor.warmup((rows, 1 + 3 * c, f, h, w), (rows * audio[0], *audio[1:]))
 
     # --- one batch ----------------------------------------------------------------
 

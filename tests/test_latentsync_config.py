@@ -1,0 +1,180 @@
+"""LatentSync speed settings from config: sampler, DeepCache and CUDA graphs reach the renderer.
+
+CPU tests use the tiny fixture models; the GPU test builds tiny random models (no
+fixtures needed, so it runs on a machine without ../shared).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+
+from agent.config import AgentConfig, DefaultAvatarConfig, LatentSyncConfig
+from agent.errors import ConfigError
+from media.avatar import Avatar
+from media.default_avatar import ensure_default_avatar
+from media.latentsync import accel
+from media.latentsync.accel import GraphPredictor, UNetPredictor
+from media.latentsync.audio_features import AudioFeatureExtractor
+from media.latentsync.config import UNetConfig
+from media.latentsync.pipeline import LatentSyncModels
+from media.latentsync.renderer import LatentSyncRenderer, noise_predictor_for, scheduler_for
+from media.latentsync.unet import UNet3DConditionModel
+from media.latentsync.vae import LatentCodec
+from media.latentsync.whisper import WhisperEncoder
+from media.types import ChunkKey, FrameSpec, RenderChunk, SourceRef
+from tests.latentsyncutil import CROP, tiny_models, tiny_vae
+from tests.serverutil import speech_like
+
+pytestmark = pytest.mark.unit
+
+FPS = 25
+FAST = {"sampler": "dpm++", "inference_steps": 4, "deepcache_interval": 3}
+# diffusers' DPM-Solver++ set_timesteps calls np.array on a tensor (numpy 2 deprecation).
+DPM_WARNING = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny models gain nothing from intra-op threads on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def avatar(tmp_path_factory: pytest.TempPathFactory) -> Avatar:
+    config = DefaultAvatarConfig(size=128, clip_seconds=(2.0, 3.0), seed=11)
+    return ensure_default_avatar(tmp_path_factory.mktemp("avatars"), config, FPS)
+
+
+def chunk(avatar: Avatar, n: int = 16, index: int = 0) -> RenderChunk:
+    frames = tuple(FrameSpec(SourceRef(1, f), speech=True) for f in range(n))
+    return RenderChunk(ChunkKey("s", "t", index), avatar.id, frames, 0,
+                       speech_like(1.2, 16_000, seed=3), FPS)
+
+
+def renderer(avatar: Avatar, models: LatentSyncModels, **settings: Any) -> LatentSyncRenderer:
+    """A renderer from config `settings`; `noise_predictor` and `scheduler` override them."""
+    explicit = {k: settings.pop(k) for k in ("noise_predictor", "scheduler") if k in settings}
+    config = LatentSyncConfig(**{"inference_steps": 2, **settings})
+    return LatentSyncRenderer.from_models({avatar.id: avatar}.__getitem__, models, config,
+                                          resolution=CROP, **explicit)
+
+
+def frames_of(made: LatentSyncRenderer, chunks: Sequence[RenderChunk]) -> list[npt.NDArray[Any]]:
+    try:
+        return [r.frames for r in made.render(chunks)]
+    finally:
+        made.close()
+
+
+def test_defaults_are_latentsyncs_exact_settings() -> None:
+    config = LatentSyncConfig()
+    assert (config.sampler, config.inference_steps, config.guidance_scale,
+            config.deepcache_interval, config.cuda_graphs) == ("ddim", 20, 1.5, 1, True)
+    for key, bad in (("sampler", "euler"), ("deepcache_interval", 0)):
+        with pytest.raises(ConfigError, match=f"renderer.latentsync.{key}"):
+            AgentConfig().with_overrides({f"renderer.latentsync.{key}": bad})
+
+
+@DPM_WARNING
+def test_cpu_gets_the_eager_runner_with_the_configured_cache_interval() -> None:
+    models = tiny_models()
+    assert models.device.type == "cpu"
+    predictor = noise_predictor_for(LatentSyncConfig(deepcache_interval=3), models)
+    assert isinstance(predictor, UNetPredictor) and not isinstance(predictor, GraphPredictor)
+    assert isinstance(scheduler_for("dpm++")(), type(accel.make_scheduler("dpm++")))
+    assert isinstance(scheduler_for("ddim")(), type(accel.make_scheduler("ddim")))
+
+
+@DPM_WARNING
+def test_fast_settings_render_what_their_parts_render(avatar: Avatar) -> None:
+    models = tiny_models()
+    batch = [chunk(avatar), chunk(avatar, 7, index=1)]
+    from_config = frames_of(renderer(avatar, models, **FAST), batch)
+    by_hand = frames_of(renderer(
+        avatar, models, inference_steps=4,
+        noise_predictor=UNetPredictor(models.unet, cache_interval=3),
+        scheduler=functools.partial(accel.make_scheduler, "dpm++")), batch)
+    exact = frames_of(renderer(avatar, models, inference_steps=4), batch)
+    for mine, reference, slow in zip(from_config, by_hand, exact, strict=True):
+        assert np.array_equal(mine, reference)
+        assert not np.array_equal(mine, slow)  # the settings took effect
+
+
+class _NoReset(UNetPredictor):
+    """A DeepCache runner that keeps its step clock and cache across denoising loops."""
+
+    def reset(self) -> None:
+        pass
+
+
+@DPM_WARNING
+def test_each_chunk_batch_starts_a_fresh_deepcache_loop(avatar: Avatar) -> None:
+    models = tiny_models()
+    one = [chunk(avatar)]
+    made = renderer(avatar, models, **FAST)
+    first, again = made.render(one)[0].frames, made.render(one)[0].frames
+    made.close()
+    assert np.array_equal(first, again)
+    # Without the reset the second loop starts mid-interval on the first loop's cache.
+    stale = renderer(avatar, models, **{**FAST, "noise_predictor": _NoReset(models.unet, 3)})
+    assert np.array_equal(stale.render(one)[0].frames, first)
+    assert not np.array_equal(stale.render(one)[0].frames, first)
+    stale.close()
+
+
+# --- CUDA ----------------------------------------------------------------------------
+
+
+class _CountingGraphs(GraphPredictor):
+    """Records each input shape it captures graphs for."""
+
+    def __init__(self, unet: UNet3DConditionModel, cache_interval: int) -> None:
+        super().__init__(unet, cache_interval)
+        self.captured: list[tuple[int, ...]] = []
+
+    def _capture(self, sample_shape: tuple[int, ...], *args: Any) -> Any:
+        self.captured.append(sample_shape)
+        return super()._capture(sample_shape, *args)
+
+
+def random_tiny_models(device: str) -> LatentSyncModels:
+    """The tiny fixture architecture with seeded random weights, and Whisper tiny, float32."""
+    config = UNetConfig(block_out_channels=(32, 64, 64, 64))
+    with torch.random.fork_rng(), torch.device(device):
+        torch.manual_seed(0)
+        unet = UNet3DConditionModel(config).eval().requires_grad_(False)
+        encoder = WhisperEncoder().eval().requires_grad_(False)
+        vae = tiny_vae()
+    audio = AudioFeatureExtractor(encoder, device=device)
+    return LatentSyncModels(unet, LatentCodec(vae), audio)
+
+
+@DPM_WARNING
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_are_captured_at_warmup_and_render_what_eager_renders(
+    avatar: Avatar,
+) -> None:
+    models = random_tiny_models("cuda")
+    assert isinstance(noise_predictor_for(LatentSyncConfig(), models), GraphPredictor)
+    batch = [chunk(avatar), chunk(avatar, 7, index=1)]
+    graphs = _CountingGraphs(models.unet, 3)
+    made = renderer(avatar, models, **FAST, max_batch=3, noise_predictor=graphs)
+    made.warmup()
+    # Guided: 2B rows for B = 1..max_batch, captured before any chunk.
+    assert [s[0] for s in graphs.captured] == [2, 4, 6]
+    replayed = frames_of(made, batch)
+    assert len(graphs.captured) == 3
+    eager = frames_of(renderer(avatar, models, **FAST, cuda_graphs=False), batch)
+    for mine, reference in zip(replayed, eager, strict=True):
+        assert np.abs(mine.astype(int) - reference).max() <= 2
