@@ -23,8 +23,7 @@ SECRET_ENV = "AVATAR_TICKET_SECRET"  # the session ticket key
 def _serve(args: argparse.Namespace) -> int:
     from agent.server import run_server
 
-    run_server(serve_config(args, os.environ))
-    return 0
+    return run_server(serve_config(args, os.environ))
 
 
 def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConfig:
@@ -47,6 +46,8 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentC
         overrides["logging.format"] = args.log_format
     if args.state_url is not None:
         overrides["server.state_url"] = args.state_url
+    if args.chaos is not None:
+        overrides["engine.chaos"] = args.chaos
     overrides.update(_security_overrides(args, environ, config))
     return config.with_overrides(overrides)
 
@@ -167,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--avatar-dir", type=Path, help="avatar cache folder")
     s.add_argument("--log-format", choices=["json", "console"], help="log line format")
     s.add_argument("--state-url", help="redis://HOST:PORT/DB: share resumable sessions")
+    s.add_argument("--chaos", metavar="SPEC",
+                   help="inject faults into the primary renderer, e.g. 'hang=1.0', "
+                   "'error=0.2,delay_ms=300', 'oom=0.1,after_s=30,for_s=60' "
+                   "(drills and tests; see docs/resilience.md)")
     g = s.add_argument_group("security (docs/security.md)")
     g.add_argument("--auth-token", action="append", default=[], metavar="TOKEN",
                    help="accept this API token (repeatable; visible in `ps`: prefer "

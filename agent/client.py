@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 import wave
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from agent.protocol import (
     FrameFlags,
@@ -26,6 +28,7 @@ from agent.protocol import (
     pack_media,
     unpack_media,
 )
+from agent.retry import BackoffPolicy, Retry, after_close
 from media.audio import float_to_pcm16
 
 
@@ -44,11 +47,29 @@ class SessionRecord:
     audio: list[Received] = field(default_factory=list)
     close_code: int | None = None
 
+    @property
+    def resume_token(self) -> str | None:
+        """The newest resume token received (ready, then turn.done or goaway)."""
+        for _, m in reversed(self.messages):
+            if m.get("type") in ("turn.done", "goaway") and m.get("resume_token"):
+                return str(m["resume_token"])
+        token = self.ready.get("resume_token")
+        return str(token) if token else None
+
+    def resume_hello(self) -> dict[str, Any]:
+        """The `resume` object of a hello that continues this session."""
+        resume: dict[str, Any] = {"session": self.ready["session"], "token": self.resume_token}
+        if self.video:
+            resume["last_seq"] = self.video[-1].header.seq
+        return resume
+
 
 class SessionClient:
-    def __init__(self, ws: ClientConnection, record: SessionRecord) -> None:
+    def __init__(self, ws: ClientConnection, record: SessionRecord,
+                 hello: dict[str, Any] | None = None) -> None:
         self.ws = ws
         self.record = record
+        self.hello = dict(hello or {})  # as sent, for reconnects
         self._changed = asyncio.Condition()
         self._task = asyncio.create_task(self._recv())
         self._audio_seq = 0
@@ -74,7 +95,50 @@ class SessionClient:
                 await ws.wait_closed()
                 raise SessionRefused(data, ws.close_code)
             record.messages.append((time.monotonic(), data))
-        return cls(ws, record)
+        return cls(ws, record, hello)
+
+    @classmethod
+    async def open_with_retry(cls, url: str, *, hello: dict[str, Any] | None = None,
+                              policy: BackoffPolicy | None = None,
+                              rng: random.Random | None = None,
+                              **open_kwargs: Any) -> SessionClient:
+        """`open`, trying again with exponential backoff and full jitter while the server
+        is overloaded (1013, honouring `retry_after_ms`) or unreachable. Raises the last
+        error once `policy.max_attempts` attempts failed, or at once for a refusal that
+        retrying cannot fix (bad token, bad hello)."""
+        policy = policy or BackoffPolicy()
+        rng = rng or random.Random()
+        attempt = 0
+        while True:
+            try:
+                return await cls.open(url, hello=hello, **open_kwargs)
+            except SessionRefused as exc:
+                if after_close(exc.close_code) is Retry.NO:
+                    raise
+                error: BaseException = exc
+                hint = int(exc.error.get("retry_after_ms") or 0)
+            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
+                error, hint = exc, 0
+            attempt += 1
+            if policy.gives_up(attempt):
+                raise error
+            await asyncio.sleep(policy.delay(attempt - 1, rng.random(), hint))
+
+    async def reconnect(self, url: str, *, policy: BackoffPolicy | None = None,
+                        rng: random.Random | None = None, **open_kwargs: Any
+                        ) -> SessionClient:
+        """After this connection ended: resume the session (on `url`, which may lead to
+        another instance) as its close code says, with backoff and full jitter. Raises
+        ConnectionError when the close code says not to come back."""
+        code = self.record.close_code
+        if after_close(code) is Retry.NO:
+            raise ConnectionError(f"the session ended with close code {code}; not resuming")
+        policy = policy or BackoffPolicy()
+        rng = rng or random.Random()
+        await asyncio.sleep(policy.delay(0, rng.random()))
+        hello = {**self.hello, "resume": self.record.resume_hello()}
+        return await SessionClient.open_with_retry(url, hello=hello, policy=policy, rng=rng,
+                                                   **open_kwargs)
 
     async def _recv(self) -> None:
         try:
@@ -96,8 +160,9 @@ class SessionClient:
             async with self._changed:
                 self._changed.notify_all()
 
+    # A timeout argument is this helper's point (tests and the load tester wait on it).
     async def wait_for(self, predicate: Callable[[SessionRecord], bool],
-                       timeout: float = 10.0) -> None:
+                       timeout: float = 10.0) -> None:  # noqa: ASYNC109
         async def _wait() -> None:
             async with self._changed:
                 await self._changed.wait_for(
@@ -108,8 +173,8 @@ class SessionClient:
 
         await asyncio.wait_for(_wait(), timeout)
 
-    async def wait_message(self, type_: str, timeout: float = 10.0, **match: Any
-                           ) -> dict[str, Any]:
+    async def wait_message(self, type_: str, timeout: float = 10.0,  # noqa: ASYNC109
+                           **match: Any) -> dict[str, Any]:
         def find(rec: SessionRecord) -> dict[str, Any] | None:
             for _, m in rec.messages:
                 if m.get("type") == type_ and all(m.get(k) == v for k, v in match.items()):
@@ -199,10 +264,10 @@ async def speak_wav(url: str, wav: Path, out: Path | None, *, codec: str, token:
         hello["token"] = token
     if avatar:
         hello["avatar"] = avatar
-    client = await SessionClient.open(url, hello=hello)
+    client = await SessionClient.open_with_retry(url, hello=hello)
     rec = client.record
     await asyncio.sleep(0.3)  # a little idle video before speaking
-    fields = {"text": text} if text else {}
+    fields: dict[str, Any] = {"text": text} if text else {}
     first_audio = await client.speak("t1", samples, rate, **fields)
     done = await client.wait_message("turn.done", timeout=len(samples) / rate + 30, turn="t1")
     await asyncio.sleep(0.5)

@@ -224,6 +224,88 @@ class RendererConfig(_Config):
 class EngineConfig(_Config):
     max_queue: int = Field(256, ge=1, description="Chunks waiting for a renderer at most.")
     render_timeout_s: float = Field(5.0, gt=0, description="A chunk not back in time fails.")
+    aging_s: float = Field(
+        1.0, gt=0, description="Waiting this long lifts a chunk one priority class."
+    )
+    turn_start_budget_s: float = Field(
+        0.5, gt=0, description="Deadline of a turn's first chunk, from its submission."
+    )
+    fallback_workers: int = Field(
+        2, ge=1, description="CPU renderer threads serving tier 2 and the fallback."
+    )
+    max_abandoned_threads: int = Field(
+        4, ge=1, description="Hung render threads per lane before the lane is given up."
+    )
+    chaos: str | None = Field(
+        None, description="Fault injection into the primary renderer (drills, tests), "
+        "e.g. 'hang=1.0' or 'error=0.2,delay_ms=300'; see docs/resilience.md."
+    )
+
+
+class BreakerConfig(_Config):
+    timeouts_to_open: int = Field(1, ge=1, description="Consecutive timeouts that open it.")
+    errors_to_open: int = Field(3, ge=1, description="Consecutive failures that open it.")
+    open_s: float = Field(2.0, gt=0, description="Wait before the first half-open probe.")
+    max_open_s: float = Field(30.0, gt=0, description="Longest wait between probes (doubling).")
+
+
+class DegradationConfig(_Config):
+    stable_s: float = Field(
+        10.0, ge=0, description="Healthy time before a session steps up one tier."
+    )
+    miss_window: int = Field(8, ge=1, description="Recent chunks judged for deadline misses.")
+    miss_ratio: float = Field(
+        0.5, gt=0, le=1, description="Share of late chunks in the window that drops a tier."
+    )
+    queue_wait_s: float = Field(
+        1.0, gt=0, description="A chunk waiting longer than this drops its session a tier."
+    )
+    congestion_events: int = Field(
+        3, ge=1, description="Send-buffer overflows within congestion_window_s that drop to tier 2."
+    )
+    congestion_window_s: float = Field(5.0, gt=0, description="Window for congestion_events.")
+    tier2_scale: float = Field(
+        0.5, gt=0, le=1, description="Tier 2 and 3 picture height as a share of the session's."
+    )
+
+
+class AdmissionConfig(_Config):
+    speaking_share: float = Field(
+        0.5, gt=0, le=1, description="Expected share of time a session speaks (planning floor)."
+    )
+    max_utilization: float = Field(
+        0.85, gt=0, le=1, description="Share of renderer time admission may plan to use."
+    )
+    prior_frame_cost_s: float = Field(
+        0.02, gt=0, description="Render cost per frame assumed until one is measured."
+    )
+    gpu_memory_limit: float = Field(
+        0.8, gt=0, le=1, description="Refuse sessions when GPU memory would pass this share."
+    )
+    session_gpu_bytes: int = Field(
+        256 << 20, ge=0, description="GPU memory budgeted per session."
+    )
+    retry_after_ms: int = Field(2000, ge=0, description="retry_after_ms when refusing for load.")
+
+
+class ValidationConfig(_Config):
+    enabled: bool = Field(True, description="Check every rendered chunk before it is shown.")
+    blank_std: float = Field(2.0, ge=0, description="A frame with less pixel spread is blank.")
+    saturated_share: float = Field(
+        0.3, gt=0, le=1, description="Extra share of clipped pixels (vs the source) that fails."
+    )
+    max_mean_diff: float = Field(
+        24.0, gt=0, description="Mean abs difference from the source outside the mouth that fails."
+    )
+
+
+class LeakGuardConfig(_Config):
+    threshold: float = Field(
+        0.9, gt=0, le=1, description="RSS or GPU memory share that drains and restarts."
+    )
+    interval_s: float = Field(5.0, gt=0, description="How often memory is sampled.")
+    samples: int = Field(3, ge=1, description="Consecutive samples over threshold before acting.")
+    exit_code: int = Field(75, ge=0, le=255, description="Exit status after a leak drain.")
 
 
 class LoggingConfig(_Config):
@@ -242,6 +324,11 @@ class AgentConfig(_Config):
     avatars: AvatarConfig = Field(default_factory=AvatarConfig)
     renderer: RendererConfig = Field(default_factory=RendererConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    degradation: DegradationConfig = Field(default_factory=DegradationConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    leak_guard: LeakGuardConfig = Field(default_factory=LeakGuardConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
@@ -253,6 +340,15 @@ class AgentConfig(_Config):
                 f"video.send_buffer_frames={self.video.send_buffer_frames} cannot hold "
                 f"video.send_lead_s={self.video.send_lead_s} of frames"
             )
+        if self.breaker.max_open_s < self.breaker.open_s:
+            raise ValueError(
+                f"breaker.max_open_s={self.breaker.max_open_s} is below "
+                f"breaker.open_s={self.breaker.open_s}"
+            )
+        if self.engine.chaos is not None:
+            from agent.chaos import ChaosSpec
+
+            ChaosSpec.parse(self.engine.chaos)  # raises ValueError naming the bad part
         return self
 
     def with_overrides(self, overrides: dict[str, Any]) -> AgentConfig:

@@ -5,31 +5,34 @@ messages to the core (control is handled as it arrives, overtaking queued
 media), the playout task asks the core what each frame slot shows at the
 session's frame rate and queues encoded media, and the sender drains the send
 buffer into the socket. Rendering happens in the engine's worker threads;
-encoding in a thread pool. No policy lives here.
+encoding in a thread pool. No policy lives here: the session's tier comes
+from its `SessionHealth` core (`agent.sessiontiers`), what a tier sends from
+`agent.videoout`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import secrets
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, assert_never
 
+import numpy as np
 import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from agent.auth import ANONYMOUS, Principal
+from agent.engine import Rendered
 from agent.errors import (
     AgentError,
     BadRequest,
     CloseCode,
     OverloadedError,
     ProtocolError,
-    RenderError,
     Timeout,
     Unauthorized,
     Unsupported,
@@ -42,6 +45,7 @@ from agent.protocol import (
     ByeReply,
     Error,
     FrameFlags,
+    GoAway,
     Hello,
     Interrupt,
     ListenEnd,
@@ -53,17 +57,21 @@ from agent.protocol import (
     ServerMessage,
     SpeakEnd,
     SpeakStart,
+    Text,
     TurnStarted,
     VideoInfo,
     dump,
     parse_client_message,
     unpack_media,
 )
-from agent.scheduler import Priority
+from agent.scheduler import Lane, Priority
 from agent.sendbuffer import OutMedia, OutMessage, SendBuffer
+from agent.sessiontiers import SessionTiers
+from agent.tiers import ChunkReport, SessionHealth
+from agent.videoout import OutputFormat, VideoOutput
 from media.audio import float_to_pcm16, pcm16_to_float
-from media.encode import EncodedFrame, VideoEncoder, fit_size, make_encoder, resize_frame
-from media.types import Frame, RenderChunk, RenderResult
+from media.encode import fit_size
+from media.types import RenderChunk
 from sessions.session import HoldSlot, IdleSlot, MediaSlot, SessionCore, SessionParams
 from sessions.store import StoredSession
 from sessions.timeline import Timeline
@@ -103,14 +111,6 @@ async def close_draining(ws: ServerConnection, code: CloseCode, reason: str) -> 
                 pass
 
 
-@dataclass(frozen=True, slots=True)
-class OutputFormat:
-    codec: str
-    width: int
-    height: int
-    fps: int
-    rate: int
-
 
 class SessionConnection:
     def __init__(self, server: AgentServer, ws: ServerConnection, address: str) -> None:
@@ -128,16 +128,19 @@ class SessionConnection:
         self.fmt: OutputFormat | None = None
         self.sendbuf = SendBuffer(self.cfg.video.send_buffer_frames)
         self._send_ready = asyncio.Event()
-        self._encoder: VideoEncoder | None = None
-        self._idle: tuple[EncodedFrame, ...] = ()
+        self._progress = asyncio.Event()  # a slot was produced or the send buffer emptied
+        self.tiers: SessionTiers | None = None
         self._silence = b""
         self._slot = 0
         self._t0 = 0.0  # loop time of slot 0
         self._started_wall = 0.0
         self._bye = False
         self._closing = False
-        self._renders: set[asyncio.Future[RenderResult]] = set()
+        self._renders: set[asyncio.Future[Rendered]] = set()
         self._turn_first_audio: dict[str, float] = {}
+        self._turn_text: dict[str, str] = {}  # transcripts, sent as `text` in tier 3
+        self._text_sent: set[str] = set()
+        self._congestion_seen = 0
         self._last_video_sent: float | None = None
 
     # --- lifecycle --------------------------------------------------------
@@ -156,6 +159,7 @@ class SessionConnection:
             await self._fail(exc)
             return
         except ConnectionClosed:
+            self.server.unregister(self)
             return
         finally:
             if not opened:  # give back a slot taken before the failure
@@ -246,15 +250,27 @@ class SessionConnection:
         now = loop.time()
         self.limiter = SessionLimiter(self.cfg.limits, self.fmt.fps, now)
         if stored is not None:
+            # The tier is not carried over: it described the old instance's health.
             self.core.restore(stored.state)
             self._started_wall = float(stored.state["started_wall"])
-            self.sendbuf.set_next_seq(int(stored.state["video_seq"]), int(stored.state["audio_seq"]))
-            self.tier = int(stored.state.get("tier", 1))
+            self.sendbuf.set_next_seq(int(stored.state["video_seq"]),
+                                      int(stored.state["audio_seq"]))
         else:
             self._started_wall = time.time()
         self._t0 = now - (time.time() - self._started_wall)
         self._slot = math.ceil((now - self._t0) * self.fmt.fps)
-        self._idle = await srv.idle_video(avatar, self.fmt.codec, self.fmt.width, self.fmt.height)
+        fmt = self.fmt
+        health = SessionHealth(self.cfg.degradation, srv.clock())
+        health.update(srv.clock(), srv.watch.tier, srv.watch.reason)  # start at the instance's
+        video = VideoOutput(
+            avatar, fmt, srv.reduced_size(fmt.width, fmt.height), self.cfg.video,
+            srv.encode_pool, srv.idle_video, srv.static_video,
+            srv.metrics.stage_duration.labels("encode").observe)
+        await video.start(health.tier)
+        srv.prepare_tiers(avatar, fmt.codec, fmt.width, fmt.height)
+        self.tiers = SessionTiers(health, video, srv.watch, srv.metrics, srv.clock)
+        self.tier = health.tier
+        current = video.current
         self._silence = bytes(2 * (self.fmt.rate // self.fmt.fps))
         self.resume_token = secrets.token_urlsafe(24)
         if resume_failed is not None:
@@ -263,8 +279,8 @@ class SessionConnection:
             Ready(
                 session=self.session_id,
                 resume_token=self.resume_token,
-                video=VideoInfo(codec=self.fmt.codec, fps=self.fmt.fps,  # type: ignore[arg-type]
-                                width=self.fmt.width, height=self.fmt.height),
+                video=VideoInfo(codec=current.codec, fps=current.fps,
+                                width=current.width, height=current.height),
                 audio=AudioInfo(rate=self.fmt.rate),
                 tier=self.tier,
                 resumed=stored is not None,
@@ -274,8 +290,8 @@ class SessionConnection:
         if stored is not None:
             srv.metrics.resume_duration.observe(time.perf_counter() - started)
         log.info("session_opened", avatar=avatar.id, codec=self.fmt.codec,
-                 width=self.fmt.width, height=self.fmt.height, rate=self.fmt.rate,
-                 resumed=stored is not None, principal=self.principal.id)
+                 width=current.width, height=current.height, rate=self.fmt.rate,
+                 resumed=stored is not None, principal=self.principal.id, tier=self.tier)
 
     def _default_avatar(self) -> str:
         """hello named no avatar: a ticket for one avatar means that one."""
@@ -337,8 +353,9 @@ class SessionConnection:
                     await srv.store.save(self._stored(), self.cfg.limits.resume_window_s)
         for fut in self._renders:
             fut.cancel()
-        if self._encoder is not None:
-            self._encoder.close()
+        if self.tiers is not None:
+            self.tiers.close()
+            self.tiers.video.close()
         srv.unregister(self)
         log.info("session_closed", bye=self._bye)
         structlog.contextvars.clear_contextvars()
@@ -357,9 +374,22 @@ class SessionConnection:
                              self.core.avatar.id, state)
 
     async def close(self, code: CloseCode, reason: str) -> None:
-        """Close from outside (drain)."""
+        """Close from outside."""
         with contextlib.suppress(ConnectionClosed):
             await self.ws.close(code, reason)
+
+    async def close_for_restart(self) -> None:
+        """Drain: store the session under a fresh resume token, tell the client where it
+        stands (`goaway`) and close with 1012, so that it resumes on another instance."""
+        if self.core is None:
+            return
+        self.resume_token = secrets.token_urlsafe(24)
+        with contextlib.suppress(Exception):
+            await self.server.store.save(self._stored(), self.cfg.limits.resume_window_s)
+        with contextlib.suppress(ConnectionClosed):
+            await self._send_now(GoAway(session=self.session_id, resume_token=self.resume_token,
+                                        reason="server restarting; resume elsewhere"))
+            await self.ws.close(CloseCode.SERVICE_RESTART, "server restarting; resume elsewhere")
 
     async def _fail(self, exc: BaseException) -> None:
         reply, close = error_reply(exc)
@@ -428,6 +458,8 @@ class SessionConnection:
             case SpeakStart():
                 structlog.contextvars.bind_contextvars(turn_id=msg.turn)
                 core.on_speak_start(msg.turn, msg.text, msg.duration_ms, msg.style)
+                if msg.text:
+                    self._turn_text[msg.turn] = msg.text
                 log.info("turn_queued", turn_id=msg.turn, duration_ms=msg.duration_ms,
                          style=msg.style)
             case SpeakEnd():
@@ -462,6 +494,7 @@ class SessionConnection:
         for d in done:
             assert d is not None
             self.sendbuf.push(OutMessage(d.model_copy(update={"pts_us": pts})))
+            self._turn_text.pop(d.turn, None)
             self.server.metrics.turns.labels("interrupted").inc()
         self._send_ready.set()
         log.info("interrupted", turns=len(done), flushed_frames=dropped)
@@ -470,11 +503,12 @@ class SessionConnection:
     async def _finish_bye(self) -> None:
         """Finish: let queued turns play out (bounded), then answer bye."""
         assert self.core is not None
-        deadline = asyncio.get_running_loop().time() + self.cfg.server.drain_timeout_s
-        while not self.core.idle and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(1 / (self.fmt.fps if self.fmt else 25))
-        while len(self.sendbuf) and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
+        core = self.core
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.cfg.server.drain_timeout_s):
+                while not core.idle or len(self.sendbuf):
+                    await self._progress.wait()  # set by the playout and sender tasks
+                    self._progress.clear()
         self._bye = True
         await self.server.store.delete(self.session_id)
         await self._send_now(ByeReply())
@@ -483,36 +517,45 @@ class SessionConnection:
     # --- rendering --------------------------------------------------------
 
     def _submit_chunks(self) -> None:
-        core = self.core
-        assert core is not None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        core, tiers = self.core, self.tiers
+        assert core is not None and tiers is not None
+        now = self.server.clock()
+        fps = core.params.fps
+        tier = tiers.decided  # routes at once; the frames follow when it is applied
         for chunk in core.poll_chunks():
+            if tier == 3:
+                # The static tier renders nothing: the frames are never shown (the static
+                # loop is), so a read-only view of the neutral picture stands in for them.
+                neutral = self.server.neutral_picture(core.avatar)
+                core.on_rendered(chunk.key, np.broadcast_to(
+                    neutral, (len(chunk.frames), *neutral.shape)))  # (F, H, W, 3)
+                continue
+            ahead = max(core.frames_until(chunk), 0) / fps
             if core.is_playing(chunk.key.turn):
                 prio = Priority.IN_TURN
             elif chunk.first_frame == 0:
                 prio = Priority.TURN_START
+                ahead = max(ahead, self.cfg.engine.turn_start_budget_s)
             else:
                 prio = Priority.SPECULATIVE
-            deadline = now + max(core.frames_until(chunk), 0) / core.params.fps
-            fut = self.server.engine.submit(chunk, deadline, prio)
+            lane = Lane.PRIMARY if tier == 1 else Lane.FALLBACK
+            fut = self.server.engine.submit(chunk, now + ahead, prio, lane)
             self._renders.add(fut)
-            fut.add_done_callback(lambda f, c=chunk: self._on_render_done(c, f))
+            fut.add_done_callback(functools.partial(self._on_render_done, chunk, lane))
 
-    def _on_render_done(self, chunk: RenderChunk, fut: asyncio.Future[RenderResult]) -> None:
+    def _on_render_done(self, chunk: RenderChunk, wanted: Lane,
+                        fut: asyncio.Future[Rendered]) -> None:
         self._renders.discard(fut)
-        if fut.cancelled() or self.core is None or self._closing:
+        if fut.cancelled() or self.core is None or self.tiers is None or self._closing:
             return
-        exc = fut.exception()
-        if exc is None:
-            self.core.on_rendered(chunk.key, fut.result().frames)
-            return
-        kind = exc.kind if isinstance(exc, RenderError) else "internal"
-        self.server.metrics.errors.labels(kind).inc()
-        log.warning("chunk_failed", turn_id=chunk.key.turn, chunk=chunk.key.index, error=str(exc))
-        # Never freeze: show the source pictures for this chunk instead.
-        self.core.on_rendered(chunk.key, self.core.source_frames(chunk))
-        self.server.metrics.chunks.labels("fallback").inc()
+        r = fut.result()
+        self.tiers.on_chunk(ChunkReport(wanted.value, r.served_by.value, r.outcome, r.late,
+                                        r.queue_wait_s))
+        if r.outcome != "ok":
+            # Never freeze: the engine handed the chunk's source pictures instead.
+            log.warning("chunk_failed", turn_id=chunk.key.turn, chunk=chunk.key.index,
+                        outcome=r.outcome, served_by=r.served_by.value, detail=r.detail)
+        self.core.on_rendered(chunk.key, r.frames)
 
     # --- playout ----------------------------------------------------------
 
@@ -530,6 +573,7 @@ class SessionConnection:
             delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            self._poll_tier()
             await self._produce_slot()
             self._slot += 1
             self._submit_chunks()
@@ -547,9 +591,33 @@ class SessionConnection:
                 await self.ws.close(CloseCode.POLICY, exc.message[:120])
                 raise _SessionEnd() from None
 
+    def _poll_tier(self) -> None:
+        tiers, core = self.tiers, self.core
+        assert tiers is not None and core is not None
+        seen = self.sendbuf.stats().congestion_events
+        for _ in range(seen - self._congestion_seen):
+            tiers.on_congestion()
+            self.server.metrics.slow_consumer_events.labels("video_dropped").inc()
+        self._congestion_seen = seen
+        change = tiers.poll()
+        if change is None:
+            return
+        self.tier = change.tier
+        self.sendbuf.push(OutMessage(change))
+        playing = core.active_turn
+        if change.tier == 3 and playing is not None:
+            self._send_text(playing)
+
+    def _send_text(self, turn: str) -> None:
+        text = self._turn_text.get(turn)
+        if text is not None and turn not in self._text_sent:
+            self._text_sent.add(turn)
+            self.sendbuf.push(OutMessage(Text(turn=turn, text=text)))
+
     async def _produce_slot(self) -> None:
-        core, fmt = self.core, self.fmt
-        assert core is not None and fmt is not None
+        core, fmt, tiers = self.core, self.fmt, self.tiers
+        assert core is not None and fmt is not None and tiers is not None
+        video = tiers.video
         slot, started, done = core.next_slot()
         pts = self._pts(self._slot)
         buf = self.sendbuf
@@ -561,30 +629,39 @@ class SessionConnection:
                 sent_at = max(asyncio.get_running_loop().time(), self._t0 + pts / 1e6
                               - self.cfg.video.send_lead_s)
                 self.server.metrics.time_to_first_frame.observe(sent_at - first_audio)
+            if self.tier == 3:
+                self._send_text(started.turn)
             log.info("turn_started", turn_id=started.turn, pts_us=pts)
         tier = self.tier
+        static = tier == 3
         match slot:
             case IdleSlot(index=i):
-                enc = self._idle[i]
-                if not (buf.needs_keyframe and not enc.keyframe):
+                enc = (video.static_packet(buf.needs_keyframe) if static
+                       else await video.idle_packet(i, buf.needs_keyframe))
+                if enc is not None:
                     flags = FrameFlags.KEYFRAME if enc.keyframe else FrameFlags.NONE
                     buf.push(OutMedia(MediaKind.VIDEO, flags, tier, pts, enc.data))
                 buf.push(OutMedia(MediaKind.AUDIO, FrameFlags.NONE, tier, pts, self._silence))
             case MediaSlot():
-                enc = await self._encode(slot.frame, force=slot.first_of_turn or buf.needs_keyframe)
+                force = slot.first_of_turn or buf.needs_keyframe
+                enc = (video.static_packet(buf.needs_keyframe) if static
+                       else await video.encode(slot.frame, force=force))
                 flags = FrameFlags.NONE
                 if slot.speech:
                     flags |= FrameFlags.SPEECH
                 if slot.last_of_turn and slot.client_turn:
                     flags |= FrameFlags.LAST_OF_TURN
-                vflags = flags | (FrameFlags.KEYFRAME if enc.keyframe else FrameFlags.NONE)
-                buf.push(OutMedia(MediaKind.VIDEO, vflags, tier, pts, enc.data, slot.turn))
+                if enc is not None:
+                    vflags = flags | (FrameFlags.KEYFRAME if enc.keyframe else FrameFlags.NONE)
+                    buf.push(OutMedia(MediaKind.VIDEO, vflags, tier, pts, enc.data, slot.turn))
                 buf.push(OutMedia(MediaKind.AUDIO, flags, tier, pts,
                                   float_to_pcm16(slot.audio), slot.turn))
             case HoldSlot():
-                enc = await self._encode(slot.frame, force=buf.needs_keyframe)
-                flags = FrameFlags.KEYFRAME if enc.keyframe else FrameFlags.NONE
-                buf.push(OutMedia(MediaKind.VIDEO, flags, tier, pts, enc.data, "~hold"))
+                enc = (video.static_packet(buf.needs_keyframe) if static
+                       else await video.encode(slot.frame, force=buf.needs_keyframe))
+                if enc is not None:
+                    flags = FrameFlags.KEYFRAME if enc.keyframe else FrameFlags.NONE
+                    buf.push(OutMedia(MediaKind.VIDEO, flags, tier, pts, enc.data, "~hold"))
                 buf.push(OutMedia(MediaKind.AUDIO, FrameFlags.NONE, tier, pts, self._silence,
                                   "~hold"))
             case _:
@@ -594,13 +671,18 @@ class SessionConnection:
             self.resume_token = secrets.token_urlsafe(24)
             buf.push(OutMessage(done.model_copy(update={"pts_us": end,
                                                         "resume_token": self.resume_token})))
+            self._turn_text.pop(done.turn, None)
+            self._text_sent.discard(done.turn)
             self.server.metrics.turns.labels("completed").inc()
             self.server.metrics.turn_duration.observe(done.frames / fmt.fps)
             log.info("turn_done", turn_id=done.turn, frames=done.frames)
             if not self.superseded:
                 await self.server.store.save(self._stored_light(),
                                              self.cfg.limits.resume_window_s)
+            if core.idle:
+                self.server.sessions_changed.set()  # a drain closes idle sessions first
         self._send_ready.set()
+        self._progress.set()
 
     def _stored_light(self) -> StoredSession:
         """Snapshot between turns without touching the timeline's turn state."""
@@ -616,24 +698,6 @@ class SessionConnection:
         }
         return StoredSession(self.session_id, self.resume_token, self.principal.id,
                              self.core.avatar.id, state)
-
-    async def _encode(self, frame: Frame, *, force: bool) -> EncodedFrame:
-        fmt = self.fmt
-        assert fmt is not None
-        if self._encoder is None:
-            self._encoder = make_encoder(fmt.codec, fmt.width, fmt.height, fmt.fps, self.cfg.video)
-        encoder = self._encoder
-        started = time.perf_counter()
-
-        def work() -> EncodedFrame:
-            pic = frame
-            if pic.shape[1] != fmt.width or pic.shape[0] != fmt.height:
-                pic = resize_frame(pic, fmt.width, fmt.height)
-            return encoder.encode(pic, force_keyframe=force)
-
-        enc = await asyncio.get_running_loop().run_in_executor(self.server.encode_pool, work)
-        self.server.metrics.stage_duration.labels("encode").observe(time.perf_counter() - started)
-        return enc
 
     # --- sender -----------------------------------------------------------
 
@@ -653,6 +717,7 @@ class SessionConnection:
                     self._last_video_sent = now
                     m.frames_sent.labels(str(item[2])).inc()
                     m.stage_duration.labels("send").observe(time.perf_counter() - started)
+            self._progress.set()
 
 
 class _SessionEnd(Exception):

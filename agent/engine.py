@@ -1,28 +1,63 @@
-"""The render engine: one loop of plan -> execute -> complete over a renderer.
+"""The render engine: one loop of plan -> execute -> complete over render lanes.
 
-`submit` returns a future per chunk. The loop asks the scheduler for plans
-whenever a worker is free, runs `renderer.render(batch)` in a worker thread
-(never on the event loop) and resolves the futures. A plan not back within
-`render_timeout_s` fails its chunks with `RenderTimeout`; the thread is
-abandoned, never retried.
+Lanes: one per primary renderer instance (one per GPU; for a CPU primary,
+one per worker thread) and a pool of CPU fallback lanes. Each lane runs its
+renders in its own daemon thread, never on the event loop. Every step the
+`FallbackRouter` says which lanes take which work (consulting the circuit
+breakers), the `ChunkScheduler` picks the batches, and finished plans resolve
+the chunks' futures and feed the breakers and latency models.
+
+A plan not back within `render_timeout_s` fails its chunks (timeout); they
+are abandoned, never retried. The lane's hung thread is abandoned too and
+the lane gets a fresh thread, so a hang cannot block the lane, the other
+lanes or the fallback. A lane that collects `max_abandoned` hung threads is
+out (no new threads: the leak is bounded) until one of them returns. Every
+chunk's future resolves to a `Rendered` with frames to show: the renderer's,
+or, for a chunk that failed, was shed, failed validation or could not be
+rendered at all, its source pictures with the mouth closed (the stand-in).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import structlog
 
-from agent.errors import RenderError, RenderTimeout
-from agent.scheduler import ChunkScheduler, Priority, RenderPlan, WorkItem
-from media.types import ChunkKey, RenderChunk, Renderer, RenderResult
+from agent.breaker import BreakerTransition, CircuitBreaker
+from agent.config import BreakerConfig
+from agent.errors import RenderError
+from agent.fallback import FallbackRouter, Route
+from agent.latency import LatencyModel
+from agent.scheduler import ChunkScheduler, Lane, Priority, RenderPlan, WorkItem
+from agent.validation import OK, Verdict
+from media.types import ChunkKey, Frames, RenderChunk, Renderer, RenderResult
 
 log = structlog.get_logger(__name__)
+
+StandIn = Callable[[RenderChunk], Frames]
+Validator = Callable[[RenderChunk, RenderResult], Verdict]
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """What a chunk's future resolves to: the frames to show and how they came about."""
+
+    key: ChunkKey
+    frames: Frames  # (F, H, W, 3) uint8
+    served_by: Route
+    outcome: str  # ok, invalid, error, timeout, shed
+    late: bool  # finished after its deadline
+    queue_wait_s: float
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,61 +65,171 @@ class ChunkOutcome:
     """What the engine reports per finished chunk (for metrics)."""
 
     key: ChunkKey
-    outcome: str  # ok, error, timeout, cancelled, shed
+    outcome: str  # ok, invalid, error, timeout, cancelled, shed
+    served_by: Route
     queue_wait_s: float
     render_s: float
     batch_size: int
     stages: dict[str, float]
     priority: Priority
+    late: bool = False
+    check: str | None = None  # the validation check that failed
+    error_kind: str | None = None  # RenderError.kind of a failed render
+
+
+@dataclass(frozen=True, slots=True)
+class LaneStats:
+    name: str
+    state: str
+    busy: bool
+    abandoned_threads: int
+    dead: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    lanes: tuple[LaneStats, ...]
+    queued: dict[Priority, int]
+    shed: int
+    deadline_misses: int
+    completed: int
+    primary_lanes_alive: int
+    primary_frame_cost_s: float | None  # measured seconds per frame; None until measured
+    queue_wait_p95_s: float
+
+
+class _Worker:
+    """One daemon thread running jobs in order. Daemon, so that a render that never
+    returns cannot keep the process from exiting."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None
+        ] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, fut = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._jobs.put((fn, fut))
+        return fut
+
+    def stop(self) -> None:
+        """The thread ends after its current job (now, unless that one hangs)."""
+        self._jobs.put(None)
+
+
+@dataclass(eq=False)
+class _Lane:
+    name: str
+    kind: Lane
+    renderer: Renderer
+    breaker: CircuitBreaker
+    latency: LatencyModel
+    worker: _Worker
+    busy: bool = False
+    abandoned: int = 0
+    dead: bool = False
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+_Checked = tuple[Frames, Verdict, dict[str, float]]
 
 
 class Engine:
     def __init__(
         self,
-        renderer: Renderer,
+        primaries: Sequence[Renderer],
+        fallback: Renderer,
         scheduler: ChunkScheduler,
-        workers: int,
+        *,
+        breaker: BreakerConfig,
+        fallback_workers: int,
         render_timeout_s: float,
+        max_abandoned: int,
+        stand_in: StandIn,
+        validate: Validator | None = None,
+        prior_frame_cost_s: float = 0.02,
         clock: Callable[[], float] = time.monotonic,
         on_outcome: Callable[[ChunkOutcome], None] | None = None,
+        on_breaker: Callable[[BreakerTransition], None] | None = None,
     ) -> None:
-        self.renderer = renderer
+        if not primaries:
+            raise ValueError("the engine needs at least one primary renderer")
         self.scheduler = scheduler
-        self.workers = workers
         self.render_timeout_s = render_timeout_s
+        self.max_abandoned = max_abandoned
         self.clock = clock
+        self._stand_in = stand_in
+        self._validate = validate
         self._on_outcome = on_outcome
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="render")
-        self._busy = 0
-        self._futures: dict[ChunkKey, asyncio.Future[RenderResult]] = {}
+        self._on_breaker = on_breaker
+        self.primary_latency = LatencyModel(prior_frame_cost_s)
+        self.fallback_latency = LatencyModel(prior_frame_cost_s)
+        self.primary_batch = max(p.capabilities.max_batch for p in primaries)
+        self.fallback_batch = fallback.capabilities.max_batch
+        self.primary: list[_Lane] = [
+            _Lane(f"primary-{i}", Lane.PRIMARY, r, CircuitBreaker(breaker, f"primary-{i}"),
+                  self.primary_latency, _Worker(f"render-primary-{i}"))
+            for i, r in enumerate(primaries)
+        ]
+        fb_breaker = CircuitBreaker(breaker, "fallback")
+        self.fallback: list[_Lane] = [
+            _Lane(f"fallback-{i}", Lane.FALLBACK, fallback, fb_breaker, self.fallback_latency,
+                  _Worker(f"render-fallback-{i}"))
+            for i in range(fallback_workers)
+        ]
+        self.router = FallbackRouter([lane.breaker for lane in self.primary], fb_breaker)
+        self._aux = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stand-in")
+        self._futures: dict[ChunkKey, asyncio.Future[Rendered]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._waits: deque[float] = deque(maxlen=200)
+        self._last_chunk: RenderChunk | None = None  # input for shadow probes
+        self._closed = False
+
+    # --- lifecycle ----------------------------------------------------------
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="engine")
 
     async def close(self) -> None:
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for task in list(self._inflight):
+        for task in list(self._tasks):
             task.cancel()
         for fut in self._futures.values():
             if not fut.done():
                 fut.cancel()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for lane in self.primary + self.fallback:
+            lane.worker.stop()
+        self._aux.shutdown(wait=False, cancel_futures=True)
 
-    def submit(
-        self, chunk: RenderChunk, deadline: float, priority: Priority
-    ) -> asyncio.Future[RenderResult]:
+    # --- work in --------------------------------------------------------------
+
+    def submit(self, chunk: RenderChunk, deadline: float, priority: Priority,
+               lane: Lane = Lane.PRIMARY) -> asyncio.Future[Rendered]:
         now = self.clock()
-        fut: asyncio.Future[RenderResult] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Rendered] = asyncio.get_running_loop().create_future()
         self._futures[chunk.key] = fut
-        for shed in self.scheduler.submit(WorkItem(chunk, deadline, priority, now), now):
-            self._finish(shed.key, "shed", None, RenderError("render queue full", retryable=False))
-            self._report(shed, "shed", now, 0.0, 0, {})
+        self._last_chunk = chunk
+        item = WorkItem(chunk, deadline, priority, now, lane)
+        for shed in self.scheduler.submit(item, now):
+            self._spawn(self._fail([shed], "shed", Route.STATIC, now, "render queue full"))
         self._wake.set()
         return fut
 
@@ -94,92 +239,250 @@ class Engine:
             fut = self._futures.pop(item.key, None)
             if fut is not None and not fut.done():
                 fut.cancel()
-            self._report(item, "cancelled", now, 0.0, 0, {})
+            self._report(item, "cancelled", Route.STATIC, now, 0.0, 0, {})
 
     @property
     def queue_depth(self) -> dict[Priority, int]:
         return self.scheduler.stats().queued
 
-    async def _loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            free = self.workers - self._busy
-            for plan in self.scheduler.schedule(self.clock(), free):
-                self._busy += 1
-                task = asyncio.create_task(self._execute(plan))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+    # --- the loop -----------------------------------------------------------------
 
-    async def _execute(self, plan: RenderPlan) -> None:
+    async def _loop(self) -> None:
+        while not self._closed:
+            # Wake on new work and finished plans; tick anyway so that open
+            # breakers turn half-open and waiting chunks age.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await self._wake.wait()
+            self._wake.clear()
+            self._step()
+
+    def _step(self) -> None:
+        now = self.clock()
+        free_primary = [i for i, lane in enumerate(self.primary) if not lane.busy and not lane.dead]
+        free_fallback = [lane for lane in self.fallback if not lane.busy and not lane.dead]
+        probe = self._last_chunk
+        routing = self.router.plan(now, free_primary, len(free_fallback), probe is not None)
+        for i in routing.primary_lanes:
+            for plan in self.scheduler.schedule(now, 1, lanes={Lane.PRIMARY},
+                                                max_batch=self.primary_batch,
+                                                latency=self.primary_latency):
+                self._start(self.primary[i], plan)
+        if routing.fallback_wants and free_fallback:
+            plans = self.scheduler.schedule(now, len(free_fallback), lanes=routing.fallback_wants,
+                                            max_batch=self.fallback_batch,
+                                            latency=self.fallback_latency)
+            for lane, plan in zip(free_fallback, plans, strict=False):
+                self._start(lane, plan)
+        if routing.static_wants:
+            gone = self.scheduler.take_all(routing.static_wants)
+            if gone:
+                self._spawn(self._fail(gone, "ok", Route.STATIC, now, "no renderer available"))
+        if probe is not None:
+            for i in routing.probe_lanes:
+                self._start_probe(self.primary[i], probe)
+            idle = [lane for lane in self.fallback if not lane.busy and not lane.dead]
+            if routing.fallback_probe and idle:
+                self._start_probe(idle[0], probe)
+        self._publish_transitions()
+
+    def _start(self, lane: _Lane, plan: RenderPlan) -> None:
+        lane.busy = True
+        self._spawn(self._execute(lane, plan))
+
+    def _start_probe(self, lane: _Lane, chunk: RenderChunk) -> None:
+        lane.busy = True
+        self._spawn(self._probe(lane, chunk))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- execution --------------------------------------------------------------
+
+    def _render_checked(self, renderer: Renderer, chunks: list[RenderChunk]) -> list[_Checked]:
+        """In the lane's thread: render, check each chunk, stand in for failing ones."""
+        results = renderer.render(chunks)
+        if len(results) != len(chunks):
+            raise RenderError(f"renderer returned {len(results)} results for "
+                              f"{len(chunks)} chunks", retryable=False)
+        out: list[_Checked] = []
+        for chunk, result in zip(chunks, results, strict=True):
+            verdict = self._validate(chunk, result) if self._validate is not None else OK
+            frames = result.frames if verdict.ok else self._stand_in(chunk)
+            out.append((frames, verdict, result.stages))
+        return out
+
+    async def _run_on(self, lane: _Lane, chunks: list[RenderChunk]) -> list[_Checked]:
+        """Run on the lane's thread with the timeout; a hung thread is abandoned."""
+        job = lane.worker.submit(lambda: self._render_checked(lane.renderer, chunks))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(job), self.render_timeout_s)
+        except TimeoutError:
+            self._abandon(lane, job)
+            raise
+
+    def _abandon(self, lane: _Lane, job: concurrent.futures.Future[Any]) -> None:
+        lane.worker.stop()
+        lane.abandoned += 1
         loop = asyncio.get_running_loop()
+
+        def released(_: concurrent.futures.Future[Any]) -> None:
+            loop.call_soon_threadsafe(self._released, lane)
+
+        job.add_done_callback(released)
+        if lane.abandoned >= self.max_abandoned:
+            # No new thread: the lane is out until one of its hung threads returns.
+            lane.dead = True
+            log.error("render_lane_given_up", lane=lane.name, hung_threads=lane.abandoned)
+        else:
+            lane.worker = _Worker(f"render-{lane.name}")
+            log.warning("render_thread_abandoned", lane=lane.name, hung_threads=lane.abandoned)
+
+    def _released(self, lane: _Lane) -> None:
+        """A hung thread returned (its result was thrown away) and ended."""
+        lane.abandoned -= 1
+        if lane.dead and not self._closed:
+            lane.dead = False
+            lane.worker = _Worker(f"render-{lane.name}")
+            log.info("render_lane_back", lane=lane.name, hung_threads=lane.abandoned)
+            self._wake.set()
+
+    async def _execute(self, lane: _Lane, plan: RenderPlan) -> None:
         chunks = [it.chunk for it in plan.batch]
         start = self.clock()
-        outcome = "ok"
-        results: list[RenderResult] | None = None
-        error: BaseException | None = None
+        checked: list[_Checked] | None = None
+        outcome, detail, timed_out, kind = "ok", "", False, None
+        retry: list[WorkItem] = []
         try:
-            work = loop.run_in_executor(self._pool, self.renderer.render, chunks)
-            results = await asyncio.wait_for(work, self.render_timeout_s)
-            if len(results) != len(chunks):
-                raise RenderError(
-                    f"renderer returned {len(results)} results for {len(chunks)} chunks",
-                    retryable=False,
-                )
+            checked = await self._run_on(lane, chunks)
         except TimeoutError:
-            outcome = "timeout"
-            error = RenderTimeout(f"render not back within {self.render_timeout_s:g} s")
+            outcome, timed_out, kind = "timeout", True, "model_timeout"
+            detail = f"render not back within {self.render_timeout_s:g} s"
         except RenderError as exc:
-            outcome = "error"
-            error = exc
+            outcome, detail, kind = "error", str(exc), exc.kind
+            if exc.retryable and lane.kind is Lane.PRIMARY:
+                retry = [replace(it, lane=Lane.FALLBACK, retry=True)
+                         for it in plan.batch if not it.retry]
         except Exception as exc:
-            log.exception("renderer_failed", renderer=self.renderer.capabilities.name)
-            outcome = "error"
-            error = RenderError(f"renderer failed: {exc!r}", retryable=False)
+            log.exception("renderer_failed", lane=lane.name)
+            outcome, detail, kind = "error", f"renderer failed: {exc!r}", "model_error"
         finally:
-            self._busy -= 1
+            lane.busy = False
             self._wake.set()
         end = self.clock()
         self.scheduler.complete(plan, end)
-        for i, item in enumerate(plan.batch):
-            result = results[i] if results is not None else None
-            self._finish(item.key, outcome, result, error)
-            stages = result.stages if result is not None else {}
-            self._report(item, outcome, start, end - start, len(plan.batch), stages)
-
-    def _finish(
-        self,
-        key: ChunkKey,
-        outcome: str,
-        result: RenderResult | None,
-        error: BaseException | None,
-    ) -> None:
-        fut = self._futures.pop(key, None)
-        if fut is None or fut.done():
+        route = Route.PRIMARY if lane.kind is Lane.PRIMARY else Route.FALLBACK
+        if checked is None:
+            lane.breaker.record_failure(end, timeout=timed_out)
+            for item in retry:  # tried once more on the fallback: never after a timeout
+                for shed in self.scheduler.submit(item, end):
+                    self._spawn(self._fail([shed], "shed", Route.STATIC, end, "render queue full"))
+            retried = {it.key for it in retry}
+            failed = [it for it in plan.batch if it.key not in retried]
+            for item in plan.batch:
+                self._report(item, outcome, route, start, end - start, len(plan.batch), {},
+                             error_kind=kind)
+            if failed:
+                await self._fail(failed, outcome, route, start, detail, report=False)
+            self._publish_transitions()
             return
-        if result is not None:
-            fut.set_result(result)
+        lane.latency.observe(sum(len(c.frames) for c in chunks), end - start)
+        if all(v.ok for _, v, _ in checked):
+            lane.breaker.record_success(end)
         else:
-            fut.set_exception(error or RenderError(outcome, retryable=False))
+            lane.breaker.record_failure(end, timeout=False)
+        for item, (frames, verdict, stages) in zip(plan.batch, checked, strict=True):
+            result_outcome = "ok" if verdict.ok else "invalid"
+            late = end > item.deadline
+            self._report(item, result_outcome, route, start, end - start, len(plan.batch), stages,
+                         late=late, check=verdict.check)
+            self._resolve(Rendered(item.key, frames, route, result_outcome, late,
+                                   max(start - item.enqueued, 0.0), verdict.detail))
+        self._publish_transitions()
 
-    def _report(
-        self,
-        item: WorkItem,
-        outcome: str,
-        started: float,
-        render_s: float,
-        batch: int,
-        stages: dict[str, float],
-    ) -> None:
+    async def _probe(self, lane: _Lane, chunk: RenderChunk) -> None:
+        """A shadow render that only decides the breaker; its frames are thrown away."""
+        ok = False
+        try:
+            checked = await self._run_on(lane, [chunk])
+            ok = all(v.ok for _, v, _ in checked)
+            timed_out = False
+        except TimeoutError:
+            timed_out = True
+        except Exception:
+            timed_out = False
+        finally:
+            lane.busy = False
+            self._wake.set()
+        now = self.clock()
+        if ok:
+            lane.breaker.record_success(now, probe=True)
+        else:
+            lane.breaker.record_failure(now, timeout=timed_out, probe=True)
+        log.info("breaker_probe", lane=lane.name, ok=ok)
+        self._publish_transitions()
+
+    async def _fail(self, items: list[WorkItem], outcome: str, route: Route, started: float,
+                    detail: str, *, report: bool = True) -> None:
+        """Resolve chunks with their stand-in frames (computed off the event loop)."""
+        chunks = [it.chunk for it in items]
+        loop = asyncio.get_running_loop()
+        try:
+            frames = await loop.run_in_executor(
+                self._aux, lambda: [self._stand_in(c) for c in chunks])
+        except RuntimeError:  # the executor shut down: the engine is closing
+            return
+        end = self.clock()
+        for item, stand_in in zip(items, frames, strict=True):
+            late = end > item.deadline
+            if report:
+                self._report(item, outcome, route, started, 0.0, 0, {}, late=late)
+            self._resolve(Rendered(item.key, stand_in, route, outcome, late,
+                                   max(started - item.enqueued, 0.0), detail))
+
+    def _resolve(self, rendered: Rendered) -> None:
+        fut = self._futures.pop(rendered.key, None)
+        if fut is not None and not fut.done():
+            fut.set_result(rendered)
+
+    # --- reporting ------------------------------------------------------------------
+
+    def _report(self, item: WorkItem, outcome: str, route: Route, started: float,
+                render_s: float, batch: int, stages: dict[str, float], *, late: bool = False,
+                check: str | None = None, error_kind: str | None = None) -> None:
+        wait = max(started - item.enqueued, 0.0)
+        if outcome != "cancelled":
+            self._waits.append(wait)
         if self._on_outcome is not None:
-            self._on_outcome(
-                ChunkOutcome(
-                    key=item.key,
-                    outcome=outcome,
-                    queue_wait_s=max(started - item.enqueued, 0.0),
-                    render_s=render_s,
-                    batch_size=batch,
-                    stages=stages,
-                    priority=item.priority,
-                )
-            )
+            self._on_outcome(ChunkOutcome(item.key, outcome, route, wait, render_s, batch,
+                                          stages, item.priority, late, check, error_kind))
+
+    def _publish_transitions(self) -> None:
+        breakers = {id(lane.breaker): lane.breaker for lane in self.primary + self.fallback}
+        for breaker in breakers.values():
+            for t in breaker.drain_transitions():
+                log.warning("circuit_breaker", lane=t.name, from_state=t.from_state.name,
+                            to_state=t.to_state.name, reason=t.reason)
+                if self._on_breaker is not None:
+                    self._on_breaker(t)
+
+    def stats(self) -> EngineStats:
+        now = self.clock()
+        sched = self.scheduler.stats()
+        lanes = tuple(
+            LaneStats(lane.name, lane.breaker.state(now).name.lower(), lane.busy,
+                      lane.abandoned, lane.dead)
+            for lane in self.primary + self.fallback
+        )
+        cost = None
+        if self.primary_latency.samples:
+            frames = max(len(self._last_chunk.frames), 1) if self._last_chunk else 8
+            cost = self.primary_latency.per_frame(frames)
+        waits = sorted(self._waits)
+        p95 = waits[int(0.95 * (len(waits) - 1))] if waits else 0.0
+        return EngineStats(lanes, sched.queued, sched.shed, sched.deadline_misses,
+                           sched.completed, sum(1 for lane in self.primary if not lane.dead),
+                           cost, p95)
+

@@ -29,6 +29,12 @@ TIERS = ("1", "2", "3")
 # Admission refusals by the security limits (agent/limits.py, agent/auth.py).
 SECURITY_REJECTIONS = ("principal_sessions", "connection_rate", "blocked", "pending_hellos",
                        "origin")
+# ok: primary renderer; fallback: the CPU fallback rendered it; static: no renderer could,
+# its source pictures were shown; invalid: failed validation (source pictures shown).
+CHUNK_OUTCOMES = ("ok", "fallback", "static", "invalid", "error", "timeout", "cancelled",
+                  "shed")
+VALIDATION_CHECKS = ("shape", "nonfinite", "blank", "saturated", "incoherent")
+SLOW_CONSUMER_ACTIONS = ("video_dropped", "tier_down", "closed")
 
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 TTFF_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -83,6 +89,9 @@ class Metrics:
         self.slow_consumer_events = Counter(
             "avatar_slow_consumer_events", "Actions taken for slow clients.", ["action"],
             registry=r)
+        self.deadline_misses = Counter(
+            "avatar_chunk_deadline_misses", "Chunks finished after their deadline.",
+            ["priority"], registry=r)
 
         self.active_sessions = Gauge("avatar_active_sessions", "Sessions connected.", registry=r)
         self.sessions_by_tier = Gauge(
@@ -101,20 +110,28 @@ class Metrics:
             "avatar_gpu_memory_used_bytes", "GPU memory used.", ["gpu"], registry=r)
         self.gpu_memory_total = Gauge(
             "avatar_gpu_memory_total_bytes", "GPU memory in total.", ["gpu"], registry=r)
+        self.render_threads_hung = Gauge(
+            "avatar_render_threads_hung", "Render threads abandoned after a timeout, still busy.",
+            registry=r)
 
         # Materialise labelled children so every series exists from start-up.
         for s in STAGES:
             self.stage_duration.labels(s)
         for p in PRIORITIES:
             self.queue_wait.labels(p)
+            self.deadline_misses.labels(p)
             self.queue_depth.labels(p).set(0)
         for t in TIERS:
             self.frames_sent.labels(t)
             self.sessions_by_tier.labels(t).set(0)
         for e in ERROR_TYPES:
             self.errors.labels(e)
-        for o in ("ok", "error", "timeout", "cancelled", "shed", "fallback"):
+        for o in CHUNK_OUTCOMES:
             self.chunks.labels(o)
+        for c in VALIDATION_CHECKS:
+            self.frame_validation_failures.labels(c)
+        for a in SLOW_CONSUMER_ACTIONS:
+            self.slow_consumer_events.labels(a)
         for o in ("completed", "interrupted", "failed"):
             self.turns.labels(o)
         for reason in ("max_sessions", "draining", "frame_budget", "gpu_memory",

@@ -214,6 +214,9 @@ class TierChanged(_Message):
     type: Literal["tier"] = "tier"
     tier: int
     reason: str
+    # Extension: the picture size from the next video frame on (a keyframe),
+    # present when the tier change changes it.
+    video: VideoInfo | None = None
 
 
 class Text(_Message):
@@ -233,6 +236,18 @@ class Error(_Message):
     retry_after_ms: int = 0
 
 
+class GoAway(_Message):
+    """Extension: this instance is shutting down; resume elsewhere with this token.
+
+    Sent just before the close with code 1012."""
+
+    type: Literal["goaway"] = "goaway"
+    session: str
+    resume_token: str
+    reason: str
+    retry_after_ms: int = 0
+
+
 class Pong(_Message):
     type: Literal["pong"] = "pong"
     id: int | str | None = None
@@ -242,7 +257,9 @@ class ByeReply(_Message):
     type: Literal["bye"] = "bye"
 
 
-ServerMessage = Ready | TurnStarted | TurnDone | TierChanged | Text | Error | Pong | ByeReply
+ServerMessage = (
+    Ready | TurnStarted | TurnDone | TierChanged | Text | Error | GoAway | Pong | ByeReply
+)
 
 
 def dump(message: ServerMessage) -> str:

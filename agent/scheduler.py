@@ -5,14 +5,21 @@ new turn's first chunk before speculative work); waiting ages a chunk up one
 class per `aging_s` so nothing starves. The queue is bounded: overflow sheds
 the least urgent work. `schedule(now, free_workers)` returns immutable plans;
 the engine renders them and reports back with `complete(plan, now)`.
+
+Each chunk names the lane it wants (the primary renderer, or the CPU
+fallback for sessions in tier 2); the engine asks per lane kind which chunks
+it may take. Given the lane's measured latency, a batch is the largest one
+whose render still ends before the earliest deadline in it; when even one
+chunk would be late the lane is behind, and a full batch catches up fastest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
+from agent.latency import LatencyModel
 from media.types import ChunkKey, RenderChunk
 
 
@@ -22,12 +29,19 @@ class Priority(IntEnum):
     SPECULATIVE = 2  # chunks of queued turns, rendered ahead
 
 
+class Lane(StrEnum):
+    PRIMARY = "primary"  # the primary renderer (one lane per GPU)
+    FALLBACK = "fallback"  # the CPU renderer pool
+
+
 @dataclass(frozen=True, slots=True)
 class WorkItem:
     chunk: RenderChunk
     deadline: float  # wall time its first frame must be sent
     priority: Priority
     enqueued: float
+    lane: Lane = Lane.PRIMARY  # the lane the session asked for
+    retry: bool = False  # a second try elsewhere after a retryable error
 
     @property
     def key(self) -> ChunkKey:
@@ -95,17 +109,53 @@ class ChunkScheduler:
         self._cancelled += len(gone)
         return gone
 
-    def schedule(self, now: float, free_workers: int) -> list[RenderPlan]:
-        """Up to `free_workers` batches, most urgent first."""
+    def schedule(
+        self,
+        now: float,
+        free_workers: int,
+        *,
+        lanes: Collection[Lane] | None = None,
+        max_batch: int | None = None,
+        latency: LatencyModel | None = None,
+    ) -> list[RenderPlan]:
+        """Up to `free_workers` batches, most urgent first, of chunks wanting `lanes`
+        (None: any), each at most `max_batch` chunks (None: the scheduler's)."""
+        limit = min(max_batch or self.max_batch, self.max_batch)
         plans: list[RenderPlan] = []
-        while free_workers > 0 and self._queue:
+        while free_workers > 0:
             self._queue.sort(key=lambda it: self._urgency(it, now))
-            batch = tuple(self._queue[: self.max_batch])
-            del self._queue[: self.max_batch]
+            eligible = [it for it in self._queue if lanes is None or it.lane in lanes]
+            if not eligible:
+                break
+            k = self._batch_size(eligible[:limit], now, latency)
+            batch = tuple(eligible[:k])
+            for it in batch:
+                self._queue.remove(it)
             plans.append(RenderPlan(batch=batch, planned_at=now))
             self._planned += len(batch)
             free_workers -= 1
         return plans
+
+    @staticmethod
+    def _batch_size(head: list[WorkItem], now: float, latency: LatencyModel | None) -> int:
+        if latency is None:
+            return len(head)
+        frames = 0
+        earliest = float("inf")
+        best = 0
+        for k, it in enumerate(head, 1):
+            frames += len(it.chunk.frames)
+            earliest = min(earliest, it.deadline)
+            if now + latency.estimate(frames) <= earliest:
+                best = k
+        return best or len(head)
+
+    def take_all(self, lanes: Collection[Lane] | None = None) -> list[WorkItem]:
+        """Remove and return every queued chunk wanting `lanes` (nothing can render them)."""
+        gone = [it for it in self._queue if lanes is None or it.lane in lanes]
+        for it in gone:
+            self._queue.remove(it)
+        return gone
 
     def complete(self, plan: RenderPlan, now: float) -> int:
         """Record a finished plan; returns how many of its chunks missed their deadline."""

@@ -17,6 +17,8 @@ from agent.protocol import (
     FrameFlags,
     MediaHeader,
     MediaKind,
+    Text,
+    TierChanged,
     TurnDone,
     TurnStarted,
     dump,
@@ -40,9 +42,10 @@ class OutMedia:
 
 @dataclass(frozen=True, slots=True)
 class OutMessage:
-    """A turn message that must stay in order with the media around it."""
+    """A message that must stay in order with the media around it: turn messages,
+    and tier changes and transcripts, which say what the frames after them show."""
 
-    message: TurnStarted | TurnDone
+    message: TurnStarted | TurnDone | TierChanged | Text
 
 
 OutItem = OutMedia | OutMessage
@@ -54,6 +57,7 @@ class SendBufferStats:
     video_dropped: int
     congestion_events: int
     flushed: int
+    queued_bytes: int = 0
 
 
 class SendBuffer:
@@ -64,6 +68,7 @@ class SendBuffer:
         self._items: deque[OutItem] = deque()
         self._video_queued = 0
         self._seq = {MediaKind.VIDEO: 0, MediaKind.AUDIO: 0}
+        self._bytes = 0  # media payload bytes queued
         self.needs_keyframe = False
         self._dropped = 0
         self._congestion = 0
@@ -91,8 +96,16 @@ class SendBuffer:
                     self._dropped += 1
                     return False
             self._video_queued += 1
+        if isinstance(item, OutMedia):
+            self._bytes += len(item.payload)
         self._items.append(item)
         return True
+
+    @property
+    def queued_bytes(self) -> int:
+        """Media payload bytes waiting: audio is never dropped, so a client that stops
+        reading grows this until the shell closes it."""
+        return self._bytes
 
     def _drop_queued_video(self) -> None:
         kept: deque[OutItem] = deque()
@@ -100,6 +113,7 @@ class SendBuffer:
             if isinstance(it, OutMedia) and it.droppable:
                 self._dropped += 1
                 self._video_queued -= 1
+                self._bytes -= len(it.payload)
             else:
                 kept.append(it)
         self._items = kept
@@ -117,6 +131,7 @@ class SendBuffer:
             return dump(msg)
         if item.kind == MediaKind.VIDEO:
             self._video_queued -= 1
+        self._bytes -= len(item.payload)
         seq = self._seq[item.kind]
         self._seq[item.kind] = seq + 1
         header = MediaHeader(item.kind, item.flags, item.tier, seq, item.pts_us)
@@ -136,8 +151,9 @@ class SendBuffer:
                 if it.kind == MediaKind.VIDEO:
                     dropped_video += 1
                     self._video_queued -= 1
+                self._bytes -= len(it.payload)
                 self._flushed += 1
-            elif isinstance(it, OutMessage):
+            elif isinstance(it, OutMessage) and isinstance(it.message, TurnStarted | TurnDone):
                 messages.append(it.message)
             else:
                 kept.append(it)
@@ -155,4 +171,5 @@ class SendBuffer:
         self._seq = {MediaKind.VIDEO: video, MediaKind.AUDIO: audio}
 
     def stats(self) -> SendBufferStats:
-        return SendBufferStats(len(self._items), self._dropped, self._congestion, self._flushed)
+        return SendBufferStats(len(self._items), self._dropped, self._congestion, self._flushed,
+                               self._bytes)

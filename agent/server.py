@@ -1,9 +1,11 @@
 """The server: shared resources, HTTP endpoints and the WebSocket entry on one port.
 
-`AgentServer` owns what sessions share: avatars, the renderer and its engine,
-pre-encoded idle video, the session store and metrics. It starts listening
+`AgentServer` owns what sessions share: avatars, the renderers and their
+engine (primary lanes, CPU fallback, breakers), pre-encoded idle and static
+video, admission control, the session store and metrics. It starts listening
 at once (`/healthz` 200) and warms up in the background (`/readyz` 503 until
-the default avatar is loaded and the renderer warmed). SIGTERM drains.
+the default avatar is loaded and the renderers warmed and timed). SIGTERM
+drains; `InstanceWatch` keeps the instance tier and the leak guard.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ import socket
 import ssl
 import sys
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from agent.admission import AdmissionController, AdmissionState
 from agent.auth import (
     Principal,
     authenticator_from_config,
@@ -37,19 +42,31 @@ from agent.auth import (
     world_readable,
 )
 from agent.avatars import AvatarRegistry
+from agent.breaker import BreakerTransition
+from agent.chaos import ChaosRenderer, ChaosSpec
 from agent.config import AgentConfig
 from agent.connection import SessionConnection, close_draining, error_reply
 from agent.engine import ChunkOutcome, Engine
 from agent.errors import AgentError, CloseCode, ConfigError, OverloadedError, Unauthorized
+from agent.framechecks import FrameChecks
 from agent.limits import ConnectionLimiter, SessionQuota
 from agent.metrics import Metrics
 from agent.protocol import dump
 from agent.renderers import build_renderer
 from agent.scheduler import ChunkScheduler
+from agent.watch import InstanceWatch
 from media.avatar import Avatar
-from media.encode import EncodedFrame, encode_loop
-from media.idle_video import idle_frames
-from media.types import Renderer
+from media.cpu_renderer import CpuRenderer
+from media.encode import EncodedFrame, encode_loop, fit_size
+from media.idle_video import compose, idle_frames
+from media.types import (
+    RENDER_SAMPLE_RATE,
+    ChunkKey,
+    Frame,
+    FrameSpec,
+    RenderChunk,
+    Renderer,
+)
 from sessions.store import MemorySessionStore, SessionStore
 
 log = structlog.get_logger(__name__)
@@ -57,10 +74,15 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 SESSION_PATH = "/v1/session"
 
 
+VideoKey = tuple[str, str, str, int, int]  # kind, avatar, codec, width, height
+
+
 class AgentServer:
-    def __init__(self, config: AgentConfig, *, renderer: Renderer | None = None,
-                 store: SessionStore | None = None) -> None:
+    def __init__(self, config: AgentConfig, *,
+                 renderer: Renderer | Sequence[Renderer] | None = None,
+                 fallback: Renderer | None = None, store: SessionStore | None = None) -> None:
         self.config = config
+        self.clock: Callable[[], float] = time.monotonic  # the one clock of every core
         self.metrics = Metrics()
         self.auth = authenticator_from_config(config.auth)  # raises ConfigError
         self.connections = ConnectionLimiter.from_config(config.limits)
@@ -68,26 +90,56 @@ class AgentServer:
         self._quota_held: dict[SessionConnection, Principal] = {}
         self._awaiting_hello: set[ServerConnection] = set()
         self.avatars = AvatarRegistry(config.avatars)
-        self.renderer: Renderer = renderer or build_renderer(config, self.avatars)
+        given = renderer if renderer is not None else build_renderer(config, self.avatars)
+        primaries = [given] if not isinstance(given, Sequence) else list(given)
+        self.chaos: ChaosRenderer | None = None
+        if config.engine.chaos is not None:
+            # Chaos wraps the primary only: the fallbacks must stay healthy.
+            self.chaos = ChaosRenderer(primaries[0], ChaosSpec.parse(config.engine.chaos))
+            primaries = [self.chaos, *primaries[1:]]
+        self.renderer: Renderer = primaries[0]  # sessions size chunks by its capabilities
+        self._calibrate_on = given if not isinstance(given, Sequence) else given[0]
+        self.fallback_renderer: Renderer = fallback or CpuRenderer(self.avatars.get,
+                                                                   config.renderer.cpu)
         caps = self.renderer.capabilities
-        workers = config.renderer.cpu.workers if caps.device == "cpu" else 1
+        if caps.device == "cpu" and len(primaries) == 1:
+            # A CPU renderer is stateless: one lane per worker thread, same instance.
+            primaries = primaries * config.renderer.cpu.workers
+        self.checks = FrameChecks(self.avatars.get, config.validation)
+        eng = config.engine
         self.engine = Engine(
-            self.renderer,
-            ChunkScheduler(max_batch=caps.max_batch, max_queue=config.engine.max_queue),
-            workers=workers,
-            render_timeout_s=config.engine.render_timeout_s,
+            primaries,
+            self.fallback_renderer,
+            ChunkScheduler(max_batch=caps.max_batch, max_queue=eng.max_queue, aging_s=eng.aging_s),
+            breaker=config.breaker,
+            fallback_workers=eng.fallback_workers,
+            render_timeout_s=eng.render_timeout_s,
+            max_abandoned=eng.max_abandoned_threads,
+            stand_in=self.checks.stand_in,
+            validate=self.checks.validate if config.validation.enabled else None,
+            prior_frame_cost_s=config.admission.prior_frame_cost_s,
+            clock=self.clock,
             on_outcome=self._on_chunk,
+            on_breaker=self._on_breaker,
         )
+        self.admission = AdmissionController(config.admission)
+        self.watch = InstanceWatch(self)
         self.store: SessionStore = store or _make_store(config)
         self.encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self.sessions: dict[str, SessionConnection] = {}
         self._pending: set[SessionConnection] = set()
-        self._idle_cache: dict[tuple[str, str, int, int], asyncio.Future[tuple[EncodedFrame, ...]]] = {}
+        self._videos: dict[VideoKey, asyncio.Future[tuple[EncodedFrame, ...]]] = {}
+        self._neutral: dict[str, Frame] = {}
+        self._background: set[asyncio.Task[object]] = set()
+        self.sessions_changed = asyncio.Event()  # a session opened, closed or went idle
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
         self.ready = False
         self.draining = False
+        self.exit_code = 0
         self._server: Server | None = None
         self._warm_task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._draining: set[SessionConnection] = set()
         self.stopped = asyncio.Event()
 
     # --- lifecycle --------------------------------------------------------
@@ -115,6 +167,7 @@ class AgentServer:
         )
         self._announce_auth()
         self._warm_task = asyncio.create_task(self._warmup(), name="warmup")
+        self.watch.start()
 
     @property
     def port(self) -> int:
@@ -146,11 +199,14 @@ class AgentServer:
         try:
             avatar = await asyncio.to_thread(self.avatars.warmup)
             await asyncio.to_thread(self.renderer.warmup)
+            if self.fallback_renderer is not self._calibrate_on:
+                await asyncio.to_thread(self.fallback_renderer.warmup)
+            await asyncio.to_thread(self._calibrate, avatar)
             fmt = self.config.video
-            from media.encode import fit_size
-
             w, h = fit_size(avatar.width, avatar.height, min(fmt.max_height, avatar.height))
             await self.idle_video(avatar, fmt.codec, w, h)
+            self.prepare_tiers(avatar, fmt.codec, w, h)
+            self.watch.after_warmup()
         except Exception:
             log.exception("warmup_failed")
             raise
@@ -163,25 +219,54 @@ class AgentServer:
         assert self._warm_task is not None
         await asyncio.shield(self._warm_task)
 
+    def _calibrate(self, avatar: Avatar) -> None:
+        """Seed the latency models with one timed chunk per renderer (admission and batch
+        sizing need a frame cost before the first session speaks). Off the event loop."""
+        n = self.renderer.capabilities.chunk_frames
+        loop = avatar.idle_loop
+        specs = tuple(FrameSpec(loop[i % len(loop)].source, speech=True) for i in range(n))
+        rng = np.random.default_rng(0)
+        audio = (0.1 * rng.standard_normal(RENDER_SAMPLE_RATE)).astype(np.float32)
+        chunk = RenderChunk(ChunkKey("~calibration", "~", 0), avatar.id, specs, 0, audio,
+                            avatar.fps)
+        for renderer, model in ((self._calibrate_on, self.engine.primary_latency),
+                                (self.fallback_renderer, self.engine.fallback_latency)):
+            renderer.render([chunk])  # the first call may pay one-off costs
+            started = time.perf_counter()
+            renderer.render([chunk])
+            model.observe(n, time.perf_counter() - started)
+
     async def drain(self) -> None:
-        """SIGTERM: refuse new sessions, let turns finish up to a deadline, then close."""
+        """SIGTERM: /readyz 503 and 1013 for new sessions at once; each session closes with
+        1012 and a `goaway` carrying its resume token as soon as it has no turn left,
+        every one at the drain deadline."""
         if self.draining:
             return
         self.draining = True
         self.metrics.draining.set(1)
         log.info("draining", sessions=len(self.sessions))
-        deadline = time.monotonic() + self.config.server.drain_timeout_s
-        while time.monotonic() < deadline and any(
-            s.core is not None and not s.core.idle for s in self.sessions.values()
-        ):
-            await asyncio.sleep(0.05)
-        await asyncio.gather(
-            *(s.close(CloseCode.SERVICE_RESTART, "server restarting; resume elsewhere")
-              for s in list(self.sessions.values())),
-            return_exceptions=True,
-        )
+        deadline = self.clock() + self.config.server.drain_timeout_s
+        closing: set[asyncio.Task[None]] = set()
+        while self.sessions and self.clock() < deadline:
+            for conn in list(self.sessions.values()):
+                if conn.core is not None and conn.core.idle and conn not in self._draining:
+                    self._draining.add(conn)
+                    closing.add(asyncio.create_task(conn.close_for_restart()))
+            self.sessions_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await self.sessions_changed.wait()
+        for conn in list(self.sessions.values()):
+            if conn not in self._draining:
+                self._draining.add(conn)
+                closing.add(asyncio.create_task(conn.close_for_restart()))
+        if closing:
+            await asyncio.wait(closing, timeout=self.config.server.drain_timeout_s + 5)
 
     async def close(self) -> None:
+        await self.watch.close()
+        for task in list(self._background):
+            task.cancel()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
@@ -194,12 +279,17 @@ class AgentServer:
         await self.store.close()
         self.stopped.set()
 
-    async def serve_forever(self) -> None:
+    def request_stop(self, exit_code: int = 0) -> None:
+        """Drain and exit (SIGTERM, or the leak guard with a non-zero code)."""
+        self.exit_code = self.exit_code or exit_code
+        self._stop.set()
+
+    async def serve_forever(self) -> int:
+        """Serve until SIGTERM/SIGINT or the leak guard; drain; return the exit status."""
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, self.request_stop)
         await self.start()
         http_scheme = "https" if self.config.server.tls_cert else "http"
         print(f"avatar agent listening on {self.url}  (health: {http_scheme}://"
@@ -208,9 +298,10 @@ class AgentServer:
             print("WARNING: authentication is OFF: anyone who can reach this port can open "
                   "sessions. Pass --auth-token/--auth-token-file or --ticket-secret-file "
                   "(see docs/security.md).", file=sys.stderr, flush=True)
-        await stop.wait()
+        await self._stop.wait()
         await self.drain()
         await self.close()
+        return self.exit_code
 
     # --- sessions ---------------------------------------------------------
 
@@ -234,14 +325,24 @@ class AgentServer:
         return principal
 
     def admit(self, conn: SessionConnection) -> None:
-        """Take a session slot (instance and principal); `unregister` gives it back."""
-        if self.draining:
-            self.metrics.admission_rejections.labels("draining").inc()
-            raise OverloadedError("server is draining; connect to another instance", 1000)
-        if len(self.sessions) + len(self._pending) >= self.config.server.max_sessions:
-            self.metrics.admission_rejections.labels("max_sessions").inc()
-            raise OverloadedError(
-                f"session limit of {self.config.server.max_sessions} reached", 2000)
+        """Admission control (agent.admission), then the principal's quota; raises
+        OverloadedError to refuse. Takes a session slot; `unregister` gives it back."""
+        stats = self.engine.stats()
+        state = AdmissionState(
+            sessions=len(self.sessions) + len(self._pending),
+            max_sessions=self.config.server.max_sessions,
+            draining=self.draining,
+            fps=self.config.avatars.fps,
+            lanes=max(stats.primary_lanes_alive, 1),
+            frame_cost_s=stats.primary_frame_cost_s,
+            speaking_share=self.watch.speaking_share,
+            gpu=self.watch.gpu,
+        )
+        decision = self.admission.decide(state)
+        if not decision.admit:
+            self.metrics.admission_rejections.labels(decision.reason).inc()
+            log.info("session_refused", reason=decision.reason, detail=decision.message)
+            raise OverloadedError(decision.message, decision.retry_after_ms)
         if not self.quota.acquire(conn.principal):
             self.metrics.admission_rejections.labels("principal_sessions").inc()
             raise OverloadedError(
@@ -261,26 +362,71 @@ class AgentServer:
         principal = self._quota_held.pop(conn, None)
         if principal is not None:
             self.quota.release(principal)
+        self._draining.discard(conn)
         if self.sessions.get(conn.session_id) is conn:
             del self.sessions[conn.session_id]
         self.metrics.active_sessions.set(len(self.sessions))
+        self.sessions_changed.set()
+
+    # --- shared media (encoded once per format, shared by every session) ----------
 
     async def idle_video(self, avatar: Avatar, codec: str, width: int, height: int
                          ) -> tuple[EncodedFrame, ...]:
-        """The avatar's idle loop encoded once per format and shared by every session."""
-        key = (avatar.id, codec, width, height)
-        fut = self._idle_cache.get(key)
+        """The avatar's idle loop."""
+        def frames() -> list[Frame]:
+            return idle_frames(avatar, width, height)
+
+        return await self._shared_video(("idle", avatar.id, codec, width, height), frames,
+                                        avatar.fps)
+
+    async def static_video(self, avatar: Avatar, codec: str, width: int, height: int
+                           ) -> tuple[EncodedFrame, ...]:
+        """Tier 3: the neutral picture, a keyframe every `idle_keyframe_interval_frames`
+        and unchanged pictures between them (a few bytes each in h264)."""
+        n = self.config.video.idle_keyframe_interval_frames
+
+        def frames() -> list[Frame]:
+            return [self.neutral_picture(avatar)] * n
+
+        return await self._shared_video(("static", avatar.id, codec, width, height), frames,
+                                        avatar.fps)
+
+    def neutral_picture(self, avatar: Avatar) -> Frame:
+        """The avatar at rest (idle_loop[0] is the neutral pose), at its own size."""
+        picture = self._neutral.get(avatar.id)
+        if picture is None:
+            picture = self._neutral[avatar.id] = compose(avatar, avatar.idle_loop[0])
+        return picture
+
+    def reduced_size(self, width: int, height: int) -> tuple[int, int]:
+        """The picture size of tiers 2 and 3 for a session of width x height."""
+        target = max(int(height * self.config.degradation.tier2_scale), 16)
+        return fit_size(width, height, min(target, height))
+
+    def prepare_tiers(self, avatar: Avatar, codec: str, width: int, height: int) -> None:
+        """Encode the lower tiers' shared videos in the background, so that a tier change
+        finds them ready."""
+        w, h = self.reduced_size(width, height)
+        for make in (self.idle_video, self.static_video):
+            task: asyncio.Task[object] = asyncio.create_task(make(avatar, codec, w, h))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _shared_video(self, key: VideoKey, frames: Callable[[], list[Frame]],
+                            fps: int) -> tuple[EncodedFrame, ...]:
+        fut = self._videos.get(key)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
-            self._idle_cache[key] = fut
+            self._videos[key] = fut
+            _, _, codec, width, height = key
             try:
-                frames = await asyncio.to_thread(idle_frames, avatar, width, height)
+                pictures = await asyncio.to_thread(frames)
                 packets = await asyncio.to_thread(
-                    encode_loop, frames, codec, width, height, avatar.fps,
+                    encode_loop, pictures, codec, width, height, fps,
                     self.config.video.idle_keyframe_interval_frames, self.config.video)
                 fut.set_result(packets)
             except BaseException as exc:
-                del self._idle_cache[key]
+                del self._videos[key]
                 fut.set_exception(exc)
                 raise
         return await asyncio.shield(fut)
@@ -332,14 +478,28 @@ class AgentServer:
 
     def _on_chunk(self, outcome: ChunkOutcome) -> None:
         m = self.metrics
-        m.chunks.labels(outcome.outcome).inc()
+        label = outcome.outcome
+        if label == "ok" and outcome.served_by != "primary":
+            label = str(outcome.served_by)  # fallback or static
+        m.chunks.labels(label).inc()
+        if outcome.error_kind is not None:
+            m.errors.labels(outcome.error_kind).inc()
+        if outcome.check is not None:
+            m.errors.labels("validation").inc()
+            m.frame_validation_failures.labels(outcome.check).inc()
         prio = outcome.priority.name.lower()
+        if outcome.late:
+            m.deadline_misses.labels(prio).inc()
         m.queue_wait.labels(prio).observe(outcome.queue_wait_s)
         m.stage_duration.labels("queue_wait").observe(outcome.queue_wait_s)
         for stage, seconds in outcome.stages.items():
             m.stage_duration.labels(stage).observe(seconds)
         for p, n in self.engine.queue_depth.items():
             m.queue_depth.labels(p.name.lower()).set(n)
+
+    def _on_breaker(self, t: BreakerTransition) -> None:
+        self.metrics.breaker_transitions.labels(t.from_state.name.lower(),
+                                                t.to_state.name.lower()).inc()
 
     # --- HTTP -------------------------------------------------------------
 
@@ -449,7 +609,8 @@ def tune_process() -> None:
     cv2.setNumThreads(1)
 
 
-def run_server(config: AgentConfig, **kwargs: Any) -> None:
+def run_server(config: AgentConfig, **kwargs: Any) -> int:
+    """Run until SIGTERM (exit 0 after the drain) or the leak guard (its exit code)."""
     from agent.logs import configure_logging
 
     configure_logging(config.logging)
@@ -460,4 +621,5 @@ def run_server(config: AgentConfig, **kwargs: Any) -> None:
         runner: Any = uvloop.run
     except ImportError:
         runner = asyncio.run
-    runner(AgentServer(config, **kwargs).serve_forever())
+    code: int = runner(AgentServer(config, **kwargs).serve_forever())
+    return code

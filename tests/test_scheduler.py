@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.scheduler import ChunkScheduler, Priority, WorkItem
+from agent.latency import LatencyModel
+from agent.scheduler import ChunkScheduler, Lane, Priority, WorkItem
 from media.types import ChunkKey, FrameSpec, RenderChunk, SourceRef
 
 pytestmark = pytest.mark.unit
@@ -86,3 +89,50 @@ def test_every_submitted_chunk_is_planned_shed_or_queued(
     planned = sum(len(p.batch) for p in s.schedule(1.0, free_workers=100))
     assert planned + shed == len(items)
     assert all(len(p.batch) <= batch for p in s.schedule(1.0, 1))
+
+
+def laned(session: str, index: int, deadline: float, lane: Lane,
+          prio: Priority = Priority.IN_TURN) -> WorkItem:
+    return replace(item(session, index, deadline, prio), lane=lane)
+
+
+def test_lanes_take_only_the_work_that_wants_them() -> None:
+    s = ChunkScheduler(max_batch=4, max_queue=10)
+    s.submit(laned("a", 0, 1.0, Lane.PRIMARY), 0)
+    s.submit(laned("b", 0, 0.5, Lane.FALLBACK), 0)
+    s.submit(laned("c", 0, 2.0, Lane.PRIMARY), 0)
+    (plan,) = s.schedule(0.0, 1, lanes={Lane.FALLBACK})
+    assert [w.key.session for w in plan.batch] == ["b"]
+    (plan,) = s.schedule(0.0, 1, lanes={Lane.PRIMARY}, max_batch=1)
+    assert [w.key.session for w in plan.batch] == ["a"]
+    assert [w.key.session for w in s.take_all({Lane.PRIMARY})] == ["c"]
+    assert len(s) == 0 and s.schedule(0.0, 3) == []
+
+
+def test_batch_is_the_largest_that_keeps_the_earliest_deadline() -> None:
+    model = LatencyModel(prior_per_frame_s=0.01)  # one frame per chunk here: 10 ms a chunk
+    s = ChunkScheduler(max_batch=8, max_queue=20)
+    for i in range(6):
+        s.submit(item(f"s{i}", 0, 0.035, Priority.IN_TURN), 0)
+    (plan,) = s.schedule(0.0, 1, latency=model)
+    assert len(plan.batch) == 3  # 3 chunks end at 0.03 <= 0.035; 4 would end at 0.04
+    # Behind anyway (the earliest deadline has passed): a full batch catches up fastest.
+    (plan,) = s.schedule(1.0, 1, latency=model)
+    assert len(plan.batch) == 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=20), st.floats(1e-3, 0.1))
+def test_chosen_batch_meets_its_deadlines_when_any_batch_can(
+    deadlines: list[float], per_chunk: float
+) -> None:
+    model = LatencyModel(prior_per_frame_s=per_chunk)
+    s = ChunkScheduler(max_batch=4, max_queue=50)
+    for i, d in enumerate(deadlines):
+        s.submit(item(f"s{i}", 0, d, Priority.IN_TURN), 0)
+    (plan,) = s.schedule(0.0, 1, latency=model)
+    earliest = min(w.deadline for w in plan.batch)
+    if per_chunk <= min(deadlines):  # one chunk alone would make it
+        assert model.estimate(len(plan.batch)) <= earliest + 1e-12
+    else:
+        assert len(plan.batch) == min(4, len(deadlines))

@@ -1,0 +1,205 @@
+"""Degradation tiers with hysteresis, per session and per instance, sans I/O.
+
+Tier 1 is full quality (the primary renderer), tier 2 reduced quality (the
+CPU renderer at a reduced picture size), tier 3 the static neutral image
+with the transcript as `text`. A `Ladder` drops at once to the highest tier
+anything demands and steps back up one tier at a time, each step only after
+`stable_s` without a demand at or above the current tier and `stable_s`
+after the previous change. A step up that is followed by a drop within the
+stable period doubles the period (up to 8 x `stable_s`), so a fault that
+comes back as soon as a session returns does not make it flap; a stable
+period at tier 1 forgives. A floor (the instance's tier) raises a session's
+tier without entering its hysteresis: when the floor lifts, the session
+returns to its own tier.
+
+`SessionHealth` turns what happens to one session (chunk outcomes, deadline
+misses, queue wait, send buffer overflows) into demands; `InstanceHealth`
+does the same for the instance (breaker states, queue wait, GPU memory).
+Frame-time pressure is judged per session (its deadline misses): moving the
+sessions that miss to tier 2 sheds just enough load, where an instance-wide
+drop would leave the GPU idle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from agent.breaker import BreakerState
+from agent.config import DegradationConfig
+
+TIERS = (1, 2, 3)
+FAILED_OUTCOMES = frozenset({"timeout", "error", "invalid", "shed"})
+
+
+@dataclass(frozen=True, slots=True)
+class TierChange:
+    from_tier: int
+    to_tier: int
+    reason: str
+    at: float
+
+
+MAX_HOLD_FACTOR = 8  # a ladder that keeps falling back waits up to 8 x stable_s
+
+
+class Ladder:
+    def __init__(self, stable_s: float, now: float, tier: int = 1) -> None:
+        if tier not in TIERS:
+            raise ValueError(f"tier must be 1, 2 or 3, got {tier}")
+        self.stable_s = stable_s
+        self.hold_s = stable_s  # the current stable period; doubles when a step up fails
+        self._own = tier
+        self._tier = tier
+        self._changed_at = now
+        self._stepped_up_at: float | None = None
+        self._last: dict[int, float] = {}  # tier -> last time it was demanded
+        self._reason: dict[int, str] = {}
+
+    @property
+    def tier(self) -> int:
+        """The effective tier after the last `update`."""
+        return self._tier
+
+    def demand(self, tier: int, now: float, reason: str) -> None:
+        """Something needs tier >= `tier` now (1 demands nothing)."""
+        tier = min(max(tier, 1), 3)
+        if tier == 1:
+            return
+        self._last[tier] = now
+        self._reason[tier] = reason
+
+    def _demanded_since(self, tier: int, now: float) -> float | None:
+        """The latest demand for `tier` or above within the stable period, if any."""
+        times = [t for k, t in self._last.items() if k >= tier and now - t < self.hold_s]
+        return max(times) if times else None
+
+    def update(self, now: float, floor: int = 1, floor_reason: str = "") -> TierChange | None:
+        own = self._own
+        demanded = [k for k, t in self._last.items() if k > own and now - t < self.hold_s]
+        reason = ""
+        if demanded:
+            own = max(demanded)
+            reason = self._reason[own]
+            stepped = self._stepped_up_at
+            if stepped is not None and now - stepped < self.hold_s:
+                # Stepped up too early: wait longer before the next try (no flapping).
+                self.hold_s = min(self.hold_s * 2, MAX_HOLD_FACTOR * self.stable_s)
+            self._stepped_up_at = None
+        elif own > 1 and self._demanded_since(own, now) is None and (
+            now - self._changed_at >= self.hold_s
+        ):
+            own -= 1
+            reason = f"stable for {self.hold_s:g} s"
+            self._stepped_up_at = now
+        elif own == 1 and self._stepped_up_at is not None and (
+            now - self._stepped_up_at >= self.hold_s
+        ):
+            self.hold_s = self.stable_s  # healthy at the top again: forgive
+            self._stepped_up_at = None
+        if own != self._own:
+            self._own = own
+            self._changed_at = now
+        effective = max(own, floor)
+        if effective == self._tier:
+            return None
+        if floor > own:
+            reason = floor_reason
+        elif not reason:
+            reason = f"stable for {self.hold_s:g} s"
+        change = TierChange(self._tier, effective, reason, now)
+        self._tier = effective
+        return change
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkReport:
+    """What happened to one chunk of a session, as the session sees it."""
+
+    wanted: str  # the lane the session asked for: primary, fallback, static
+    served_by: str  # primary, fallback, static
+    outcome: str  # ok, invalid, error, timeout, shed
+    late: bool
+    queue_wait_s: float
+
+
+_RANK = {"primary": 1, "fallback": 2, "static": 3}
+
+
+class SessionHealth:
+    def __init__(self, config: DegradationConfig, now: float, tier: int = 1) -> None:
+        self.config = config
+        self.ladder = Ladder(config.stable_s, now, tier)
+        self._late: deque[bool] = deque(maxlen=config.miss_window)
+        self._late_tier = tier
+        self._congestion: deque[float] = deque()
+
+    @property
+    def tier(self) -> int:
+        return self.ladder.tier
+
+    def on_chunk(self, now: float, report: ChunkReport) -> None:
+        tier = self.ladder.tier
+        served = _RANK[report.served_by]
+        if report.outcome in FAILED_OUTCOMES:
+            self.ladder.demand(served + 1, now, f"{report.served_by} render {report.outcome}")
+        elif served > _RANK[report.wanted]:
+            why = "renderer unavailable" if served == 3 else "inference unavailable"
+            self.ladder.demand(served, now, why)
+        if report.queue_wait_s > self.config.queue_wait_s:
+            self.ladder.demand(tier + 1, now, f"queue wait {report.queue_wait_s:.1f} s")
+        if self._late_tier != tier:  # judge each tier on its own chunks
+            self._late.clear()
+            self._late_tier = tier
+        self._late.append(report.late)
+        needed = math.ceil(self.config.miss_ratio * self.config.miss_window)
+        if sum(self._late) >= needed:
+            self.ladder.demand(tier + 1, now, f"{sum(self._late)} of {len(self._late)} "
+                               "chunks missed their deadline")
+            self._late.clear()
+
+    def on_congestion(self, now: float) -> None:
+        """The send buffer overflowed (the client reads too slowly)."""
+        window = self.config.congestion_window_s
+        self._congestion.append(now)
+        while self._congestion and now - self._congestion[0] > window:
+            self._congestion.popleft()
+        if len(self._congestion) >= self.config.congestion_events:
+            self.ladder.demand(2, now, f"client congested ({len(self._congestion)} overflows "
+                               f"in {window:g} s)")
+
+    def update(self, now: float, floor: int = 1, floor_reason: str = "") -> TierChange | None:
+        return self.ladder.update(now, floor, floor_reason)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSignals:
+    primary: tuple[BreakerState, ...]  # one per primary lane
+    fallback: BreakerState
+    queue_wait_p95_s: float  # of recent chunks
+    gpu_memory_share: float | None  # used over total; None without a GPU
+
+
+class InstanceHealth:
+    def __init__(self, config: DegradationConfig, gpu_memory_limit: float, now: float) -> None:
+        self.config = config
+        self.gpu_memory_limit = gpu_memory_limit
+        self.ladder = Ladder(config.stable_s, now)
+
+    @property
+    def tier(self) -> int:
+        return self.ladder.tier
+
+    def update(self, now: float, signals: InstanceSignals) -> TierChange | None:
+        no_primary = all(s is not BreakerState.CLOSED for s in signals.primary)
+        if no_primary and signals.fallback is not BreakerState.CLOSED:
+            self.ladder.demand(3, now, "no renderer available")
+        elif no_primary:
+            self.ladder.demand(2, now, "inference unavailable (circuit breaker open)")
+        if signals.queue_wait_p95_s > self.config.queue_wait_s:
+            self.ladder.demand(2, now, f"queue wait p95 {signals.queue_wait_p95_s:.1f} s")
+        share = signals.gpu_memory_share
+        if share is not None and share > self.gpu_memory_limit:
+            self.ladder.demand(2, now, f"GPU memory at {share:.0%}")
+        return self.ladder.update(now)

@@ -1,0 +1,171 @@
+"""The engine over real renderers (the CPU renderer, wrapped in chaos): timeouts, breakers,
+fallback, shadow probes, validation, shedding. Real threads and asyncio, tiny avatar."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.breaker import BreakerState
+from agent.chaos import ChaosRenderer, ChaosSpec
+from agent.config import BreakerConfig, CpuRendererConfig, DefaultAvatarConfig, ValidationConfig
+from agent.engine import Engine, Rendered
+from agent.fallback import Route
+from agent.framechecks import FrameChecks
+from agent.scheduler import ChunkScheduler, Lane, Priority
+from media.avatar import Avatar
+from media.cpu_renderer import CpuRenderer
+from media.default_avatar import ensure_default_avatar
+from media.types import ChunkKey, FrameSpec, RenderChunk, Renderer
+from tests.conftest import timeout
+
+pytestmark = pytest.mark.unit
+
+BREAKER = BreakerConfig(timeouts_to_open=1, errors_to_open=2, open_s=0.2, max_open_s=0.4)
+
+
+@pytest.fixture(scope="module")
+def avatar(tmp_path_factory: pytest.TempPathFactory) -> Avatar:
+    config = DefaultAvatarConfig(size=64, clip_seconds=(2.0,), seed=4)
+    return ensure_default_avatar(Path(tmp_path_factory.mktemp("avatars")), config, 25)
+
+
+def chunk(avatar: Avatar, session: str, index: int = 0) -> RenderChunk:
+    specs = tuple(FrameSpec(s.source, speech=True) for s in avatar.idle_loop[:4])
+    audio = (0.2 * np.sin(np.arange(16000) / 5.0)).astype(np.float32)
+    return RenderChunk(ChunkKey(session, "t", index), avatar.id, specs, 0, audio, 25)
+
+
+def make_engine(avatar: Avatar, primary: Renderer, fallback: Renderer, *,
+                max_queue: int = 64, max_abandoned: int = 4) -> Engine:
+    lookup = {avatar.id: avatar}.__getitem__
+    checks = FrameChecks(lookup, ValidationConfig())
+    return Engine([primary], fallback, ChunkScheduler(max_batch=2, max_queue=max_queue),
+                  breaker=BREAKER, fallback_workers=1, render_timeout_s=0.3,
+                  max_abandoned=max_abandoned, stand_in=checks.stand_in,
+                  validate=checks.validate)
+
+
+def cpu(avatar: Avatar) -> CpuRenderer:
+    return CpuRenderer({avatar.id: avatar}.__getitem__, CpuRendererConfig())
+
+
+@pytest.fixture
+async def parts(avatar: Avatar) -> AsyncIterator[tuple[ChaosRenderer, Avatar]]:
+    chaos = ChaosRenderer(cpu(avatar), ChaosSpec())
+    yield chaos, avatar
+    chaos.close()
+
+
+async def render(engine: Engine, c: RenderChunk, lane: Lane = Lane.PRIMARY) -> Rendered:
+    fut = engine.submit(c, engine.clock() + 1.0, Priority.IN_TURN, lane)
+    return await asyncio.wait_for(fut, timeout(5))
+
+
+async def test_a_hang_times_out_opens_the_breaker_and_the_fallback_serves(
+    parts: tuple[ChaosRenderer, Avatar]
+) -> None:
+    chaos, avatar = parts
+    chaos.set_spec(ChaosSpec(hang=1.0))
+    engine = make_engine(avatar, chaos, cpu(avatar), max_abandoned=1)
+    engine.start()
+    try:
+        first = await render(engine, chunk(avatar, "a"))
+        assert (first.outcome, first.served_by) == ("timeout", Route.PRIMARY)
+        assert first.frames.shape == (4, 64, 64, 3) and first.frames.dtype == np.uint8
+        lane = engine.stats().lanes[0]
+        assert lane.abandoned_threads == 1 and lane.dead  # max_abandoned=1: no new thread
+        # The hung thread blocks neither the fallback nor the loop.
+        second = await render(engine, chunk(avatar, "b"))
+        assert (second.outcome, second.served_by) == ("ok", Route.FALLBACK)
+        assert engine.router.states(engine.clock())[0][0] is not BreakerState.CLOSED
+        # Lifting the fault releases the thread; the lane is back and a shadow probe
+        # (a copy of the last chunk) closes the breaker.
+        chaos.set_spec(ChaosSpec())
+        for _ in range(100):
+            if engine.router.primary_available(engine.clock()):
+                break
+            await asyncio.sleep(0.05)
+        assert engine.stats().lanes[0].abandoned_threads == 0
+        third = await render(engine, chunk(avatar, "c"))
+        assert (third.outcome, third.served_by) == ("ok", Route.PRIMARY)
+    finally:
+        await engine.close()
+
+
+async def test_retryable_oom_is_rendered_by_the_fallback(
+    parts: tuple[ChaosRenderer, Avatar]
+) -> None:
+    chaos, avatar = parts
+    chaos.set_spec(ChaosSpec(oom=1.0))
+    engine = make_engine(avatar, chaos, cpu(avatar))
+    engine.start()
+    try:
+        got = await render(engine, chunk(avatar, "a"))
+        assert (got.outcome, got.served_by) == ("ok", Route.FALLBACK)
+        plain = cpu(avatar).render([chunk(avatar, "a")])[0].frames
+        assert np.array_equal(got.frames, plain)  # really rendered, not a stand-in
+    finally:
+        await engine.close()
+
+
+async def test_corrupt_output_is_replaced_and_counts_against_the_breaker(
+    parts: tuple[ChaosRenderer, Avatar]
+) -> None:
+    chaos, avatar = parts
+    chaos.set_spec(ChaosSpec(corrupt=1.0))
+    engine = make_engine(avatar, chaos, cpu(avatar))
+    engine.start()
+    try:
+        results = [await render(engine, chunk(avatar, f"s{i}")) for i in range(2)]
+        assert [r.outcome for r in results] == ["invalid", "invalid"]
+        assert all(r.frames.dtype == np.uint8 and np.isfinite(r.frames).all()
+                   and r.frames.std() > 10 for r in results)
+        assert not engine.router.primary_available(engine.clock())  # errors_to_open=2
+        third = await render(engine, chunk(avatar, "s3"))
+        assert third.served_by is Route.FALLBACK and third.outcome == "ok"
+    finally:
+        await engine.close()
+
+
+async def test_when_every_renderer_fails_chunks_get_the_static_tier(avatar: Avatar) -> None:
+    broken_fallback = ChaosRenderer(cpu(avatar), ChaosSpec(error=1.0))
+    primary = ChaosRenderer(cpu(avatar), ChaosSpec(error=1.0))
+    engine = make_engine(avatar, primary, broken_fallback)
+    engine.start()
+    try:
+        outcomes = []
+        for i in range(6):
+            r = await render(engine, chunk(avatar, f"s{i}"))
+            outcomes.append((r.served_by.value, r.outcome))
+        assert outcomes[-1] == ("static", "ok")
+        assert ("fallback", "error") in outcomes
+    finally:
+        await engine.close()
+        primary.close()
+        broken_fallback.close()
+
+
+async def test_queue_overflow_sheds_least_urgent_with_stand_ins(
+    parts: tuple[ChaosRenderer, Avatar]
+) -> None:
+    chaos, avatar = parts
+    chaos.set_spec(ChaosSpec(delay_ms=200))
+    engine = make_engine(avatar, chaos, cpu(avatar), max_queue=2)
+    engine.start()
+    try:
+        now = engine.clock()
+        futs = [engine.submit(chunk(avatar, f"s{i}"), now + 1.0 + i, Priority.SPECULATIVE)
+                for i in range(6)]
+        futs.append(engine.submit(chunk(avatar, "urgent"), now, Priority.IN_TURN))
+        done = await asyncio.wait_for(asyncio.gather(*futs), timeout(10))
+        shed = [r for r in done if r.outcome == "shed"]
+        assert shed and all(r.frames.shape == (4, 64, 64, 3) for r in shed)
+        assert done[-1].outcome == "ok"  # the urgent one was kept
+        assert engine.stats().shed == len(shed)
+    finally:
+        await engine.close()
