@@ -24,6 +24,7 @@ import numpy as np
 import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from agent.auth import ANONYMOUS, Principal
 from agent.engine import Rendered
@@ -573,6 +574,10 @@ class SessionConnection:
             delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if self.ws.state is not State.OPEN:
+                # Closing (keepalive timeout, close from either side): stop producing;
+                # the library bounds the close itself (close_timeout).
+                raise _SessionEnd()
             self._poll_tier()
             await self._produce_slot()
             self._slot += 1

@@ -478,8 +478,9 @@ class Engine:
         )
         cost = None
         if self.primary_latency.samples:
-            frames = max(len(self._last_chunk.frames), 1) if self._last_chunk else 8
-            cost = self.primary_latency.per_frame(frames)
+            # Per frame of a one-chunk call: conservative where batching helps.
+            cost = self.primary_latency.per_frame(self.primary[0].renderer.capabilities
+                                                  .chunk_frames)
         waits = sorted(self._waits)
         p95 = waits[int(0.95 * (len(waits) - 1))] if waits else 0.0
         return EngineStats(lanes, sched.queued, sched.shed, sched.deadline_misses,

@@ -47,7 +47,14 @@ from agent.chaos import ChaosRenderer, ChaosSpec
 from agent.config import AgentConfig
 from agent.connection import SessionConnection, close_draining, error_reply
 from agent.engine import ChunkOutcome, Engine
-from agent.errors import AgentError, CloseCode, ConfigError, OverloadedError, Unauthorized
+from agent.errors import (
+    AgentError,
+    CloseCode,
+    ConfigError,
+    OverloadedError,
+    RenderError,
+    Unauthorized,
+)
 from agent.framechecks import FrameChecks
 from agent.limits import ConnectionLimiter, SessionQuota
 from agent.metrics import Metrics
@@ -231,9 +238,15 @@ class AgentServer:
                             avatar.fps)
         for renderer, model in ((self._calibrate_on, self.engine.primary_latency),
                                 (self.fallback_renderer, self.engine.fallback_latency)):
-            renderer.render([chunk])  # the first call may pay one-off costs
-            started = time.perf_counter()
-            renderer.render([chunk])
+            try:
+                renderer.render([chunk])  # the first call may pay one-off costs
+                started = time.perf_counter()
+                renderer.render([chunk])
+            except RenderError as exc:
+                # Not fatal: its breaker will keep work away from it while it fails.
+                log.warning("calibration_failed", renderer=renderer.capabilities.name,
+                            error=str(exc))
+                continue
             model.observe(n, time.perf_counter() - started)
 
     async def drain(self) -> None:

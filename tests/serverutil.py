@@ -32,9 +32,9 @@ def small_config(cache_dir: Path, **overrides: Any) -> AgentConfig:
 
 
 @contextlib.asynccontextmanager
-async def running_server(config: AgentConfig, renderer: Renderer | None = None
-                         ) -> AsyncIterator[AgentServer]:
-    server = AgentServer(config, renderer=renderer)
+async def running_server(config: AgentConfig, renderer: Renderer | None = None,
+                         **kwargs: Any) -> AsyncIterator[AgentServer]:
+    server = AgentServer(config, renderer=renderer, **kwargs)
     await server.start()
     try:
         await server.wait_ready()
