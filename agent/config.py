@@ -255,7 +255,10 @@ class DegradationConfig(_Config):
     )
     miss_window: int = Field(8, ge=1, description="Recent chunks judged for deadline misses.")
     miss_ratio: float = Field(
-        0.5, gt=0, le=1, description="Share of late chunks in the window that drops a tier."
+        0.25, gt=0, le=1, description="Share of late chunks in the window that drops a tier."
+    )
+    late_tolerance_s: float = Field(
+        0.1, ge=0, description="A chunk the playout waited on longer than this was late."
     )
     queue_wait_s: float = Field(
         1.0, gt=0, description="A chunk waiting longer than this drops its session a tier."

@@ -72,7 +72,7 @@ from agent.tiers import ChunkReport, SessionHealth
 from agent.videoout import OutputFormat, VideoOutput
 from media.audio import float_to_pcm16, pcm16_to_float
 from media.encode import fit_size
-from media.types import RenderChunk
+from media.types import ChunkKey, RenderChunk
 from sessions.session import HoldSlot, IdleSlot, MediaSlot, SessionCore, SessionParams
 from sessions.store import StoredSession
 from sessions.timeline import Timeline
@@ -138,6 +138,8 @@ class SessionConnection:
         self._bye = False
         self._closing = False
         self._renders: set[asyncio.Future[Rendered]] = set()
+        self._in_flight: dict[ChunkKey, RenderChunk] = {}  # submitted, not back
+        self._held: dict[ChunkKey, float] = {}  # in flight while playout waited: since when
         self._turn_first_audio: dict[str, float] = {}
         self._turn_text: dict[str, str] = {}  # transcripts, sent as `text` in tier 3
         self._text_sent: set[str] = set()
@@ -487,6 +489,8 @@ class SessionConnection:
         self.server.engine.cancel(self.session_id)
         for fut in self._renders:
             fut.cancel()
+        self._in_flight.clear()
+        self._held.clear()
         done = self.core.on_interrupt(unsent_frames=dropped)
         pts = self._pts(self._slot)
         for msg in flushed:
@@ -542,15 +546,23 @@ class SessionConnection:
             lane = Lane.PRIMARY if tier == 1 else Lane.FALLBACK
             fut = self.server.engine.submit(chunk, now + ahead, prio, lane)
             self._renders.add(fut)
+            self._in_flight[chunk.key] = chunk
             fut.add_done_callback(functools.partial(self._on_render_done, chunk, lane))
 
     def _on_render_done(self, chunk: RenderChunk, wanted: Lane,
                         fut: asyncio.Future[Rendered]) -> None:
         self._renders.discard(fut)
+        self._in_flight.pop(chunk.key, None)
+        held_since = self._held.pop(chunk.key, None)
         if fut.cancelled() or self.core is None or self.tiers is None or self._closing:
             return
         r = fut.result()
-        self.tiers.on_chunk(ChunkReport(wanted.value, r.served_by.value, r.outcome, r.late,
+        # Late, for the ladder, means the viewer waited for it: playout repeated a picture
+        # for longer than `late_tolerance_s` while it was rendering. Waiting for audio
+        # that has not come (a TTS behind real time) is not the renderer's lateness.
+        late = held_since is not None and (
+            self.server.clock() - held_since > self.cfg.degradation.late_tolerance_s)
+        self.tiers.on_chunk(ChunkReport(wanted.value, r.served_by.value, r.outcome, late,
                                         r.queue_wait_s))
         if r.outcome != "ok":
             # Never freeze: the engine handed the chunk's source pictures instead.
@@ -662,6 +674,10 @@ class SessionConnection:
                 buf.push(OutMedia(MediaKind.AUDIO, flags, tier, pts,
                                   float_to_pcm16(slot.audio), slot.turn))
             case HoldSlot():
+                now = self.server.clock()
+                for key, c in self._in_flight.items():
+                    if key not in self._held and core.frames_until(c) <= 0:
+                        self._held[key] = now
                 enc = (video.static_packet(buf.needs_keyframe) if static
                        else await video.encode(slot.frame, force=buf.needs_keyframe))
                 if enc is not None:

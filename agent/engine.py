@@ -44,6 +44,9 @@ from media.types import ChunkKey, Frames, RenderChunk, Renderer, RenderResult
 log = structlog.get_logger(__name__)
 
 StandIn = Callable[[RenderChunk], Frames]
+WAIT_WINDOW_S = 10.0  # queue wait percentiles cover this much recent time
+WAIT_MIN_SAMPLES = 20
+LATE_SLACK = 1.5  # see Engine._late
 Validator = Callable[[RenderChunk, RenderResult], Verdict]
 
 
@@ -91,11 +94,11 @@ class EngineStats:
     lanes: tuple[LaneStats, ...]
     queued: dict[Priority, int]
     shed: int
-    deadline_misses: int
+    deadline_misses: int  # late by the engine's fault (Engine._late)
     completed: int
     primary_lanes_alive: int
     primary_frame_cost_s: float | None  # measured seconds per frame; None until measured
-    queue_wait_p95_s: float
+    queue_wait_p95_s: float  # recent chunks; 0 with too few of them
 
 
 class _Worker:
@@ -195,8 +198,9 @@ class Engine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._waits: deque[float] = deque(maxlen=200)
+        self._waits: deque[tuple[float, float]] = deque(maxlen=500)  # (finished, wait)
         self._last_chunk: RenderChunk | None = None  # input for shadow probes
+        self._late_chunks = 0
         self._closed = False
 
     # --- lifecycle ----------------------------------------------------------
@@ -395,7 +399,7 @@ class Engine:
             lane.breaker.record_failure(end, timeout=False)
         for item, (frames, verdict, stages) in zip(plan.batch, checked, strict=True):
             result_outcome = "ok" if verdict.ok else "invalid"
-            late = end > item.deadline
+            late = self._late(item, end, lane.latency)
             self._report(item, result_outcome, route, start, end - start, len(plan.batch), stages,
                          late=late, check=verdict.check)
             self._resolve(Rendered(item.key, frames, route, result_outcome, late,
@@ -436,11 +440,20 @@ class Engine:
             return
         end = self.clock()
         for item, stand_in in zip(items, frames, strict=True):
-            late = end > item.deadline
+            late = self._late(item, end, self.primary_latency)
             if report:
                 self._report(item, outcome, route, started, 0.0, 0, {}, late=late)
             self._resolve(Rendered(item.key, stand_in, route, outcome, late,
                                    max(started - item.enqueued, 0.0), detail))
+
+    @staticmethod
+    def _late(item: WorkItem, end: float, latency: LatencyModel) -> bool:
+        """Finished after its deadline. A chunk that was due when it arrived (its audio
+        came just in time) is late only when it also took longer than a render normally
+        takes (LATE_SLACK x the estimate): that lateness is the audio's, not ours."""
+        if item.deadline > item.enqueued:
+            return end > item.deadline
+        return end > item.enqueued + LATE_SLACK * latency.estimate(len(item.chunk.frames))
 
     def _resolve(self, rendered: Rendered) -> None:
         fut = self._futures.pop(rendered.key, None)
@@ -453,8 +466,9 @@ class Engine:
                 render_s: float, batch: int, stages: dict[str, float], *, late: bool = False,
                 check: str | None = None, error_kind: str | None = None) -> None:
         wait = max(started - item.enqueued, 0.0)
+        self._late_chunks += late
         if outcome != "cancelled":
-            self._waits.append(wait)
+            self._waits.append((self.clock(), wait))
         if self._on_outcome is not None:
             self._on_outcome(ChunkOutcome(item.key, outcome, route, wait, render_s, batch,
                                           stages, item.priority, late, check, error_kind))
@@ -481,9 +495,10 @@ class Engine:
             # Per frame of a one-chunk call: conservative where batching helps.
             cost = self.primary_latency.per_frame(self.primary[0].renderer.capabilities
                                                   .chunk_frames)
-        waits = sorted(self._waits)
-        p95 = waits[int(0.95 * (len(waits) - 1))] if waits else 0.0
-        return EngineStats(lanes, sched.queued, sched.shed, sched.deadline_misses,
+        # Over the last WAIT_WINDOW_S, and only with enough chunks to mean something.
+        waits = sorted(w for at, w in self._waits if now - at <= WAIT_WINDOW_S)
+        p95 = waits[int(0.95 * (len(waits) - 1))] if len(waits) >= WAIT_MIN_SAMPLES else 0.0
+        return EngineStats(lanes, sched.queued, sched.shed, self._late_chunks,
                            sched.completed, sum(1 for lane in self.primary if not lane.dead),
                            cost, p95)
 

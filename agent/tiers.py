@@ -147,7 +147,8 @@ class SessionHealth:
         elif served > _RANK[report.wanted]:
             why = "renderer unavailable" if served == 3 else "inference unavailable"
             self.ladder.demand(served, now, why)
-        if report.queue_wait_s > self.config.queue_wait_s:
+        if report.late and report.queue_wait_s > self.config.queue_wait_s:
+            # Badly late (a wait alone is harmless: work rendered ahead waits on purpose).
             self.ladder.demand(tier + 1, now, f"queue wait {report.queue_wait_s:.1f} s")
         if self._late_tier != tier:  # judge each tier on its own chunks
             self._late.clear()

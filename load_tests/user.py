@@ -75,6 +75,7 @@ class SimulatedUser:
         self._pump_task: asyncio.Task[None] | None = None
         self._msg_index = 0
         self._decoder: VideoDecoder | None = None
+        self._video_size = (0, 0, 3)  # (H, W, 3) the server says it sends now
         self._turn_open: str | None = None
         self._session: str | None = None
         self._resume_state: tuple[str, str, int | None] | None = None  # session, token, seq
@@ -248,6 +249,8 @@ class SimulatedUser:
         self._msg_index = 0
         self._decoder = (VideoDecoder(ready["video"]["codec"])
                          if self.ctx.decode_pool is not None else None)
+        # The picture size: ready's, then each `tier` message's that carries one.
+        self._video_size = (ready["video"]["height"], ready["video"]["width"], 3)
         self._pump_task = asyncio.create_task(self._pump_loop())
 
     async def _detach(self) -> None:
@@ -353,6 +356,8 @@ class SimulatedUser:
         for t, kind, item in events:
             if kind == 0:
                 probe.on_message(item, t)
+                if item.get("type") == "tier" and item.get("video"):
+                    self._video_size = (item["video"]["height"], item["video"]["width"], 3)
             elif kind == 1:
                 probe.on_video(item.header, item.payload, t)
                 self._maybe_decode(item)
@@ -369,10 +374,8 @@ class SimulatedUser:
             self.stats.counts["decode_skipped"] += 1
             return
         ctx.decode_pending += 1
-        ready = self.client.record.ready if self.client is not None else {}
-        size = (ready["video"]["height"], ready["video"]["width"], 3)
         fut = asyncio.get_running_loop().run_in_executor(
-            ctx.decode_pool, _decode, decoder, item.payload, size)
+            ctx.decode_pool, _decode, decoder, item.payload, self._video_size)
         fut.add_done_callback(self._decoded)
 
     def _decoded(self, fut: asyncio.Future[str | None]) -> None:

@@ -129,10 +129,12 @@ def test_deadline_misses_in_the_window_step_down_one_tier() -> None:
     assert h.update(8.0) is None
 
 
-def test_long_queue_wait_steps_down() -> None:
+def test_a_long_queue_wait_that_made_a_chunk_late_steps_down() -> None:
     h = SessionHealth(CFG, now=0.0)
-    h.on_chunk(0.0, ChunkReport("primary", "primary", "ok", False, 1.5))
-    change = h.update(0.0)
+    h.on_chunk(0.0, ChunkReport("primary", "primary", "ok", False, 1.5))  # on time anyway
+    assert h.update(0.0) is None
+    h.on_chunk(0.1, ChunkReport("primary", "primary", "ok", True, 1.5))
+    change = h.update(0.1)
     assert change is not None and change.to_tier == 2 and "queue wait" in change.reason
 
 
