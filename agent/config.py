@@ -230,6 +230,9 @@ class EngineConfig(_Config):
     turn_start_budget_s: float = Field(
         0.5, gt=0, description="Deadline of a turn's first chunk, from its submission."
     )
+    urgent_horizon_s: float = Field(
+        1.0, gt=0, description="Chunks due later than this count as speculative work."
+    )
     fallback_workers: int = Field(
         2, ge=1, description="CPU renderer threads serving tier 2 and the fallback."
     )

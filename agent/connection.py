@@ -263,7 +263,11 @@ class SessionConnection:
         self._t0 = now - (time.time() - self._started_wall)
         self._slot = math.ceil((now - self._t0) * self.fmt.fps)
         fmt = self.fmt
-        health = SessionHealth(self.cfg.degradation, srv.clock())
+        # A per-session share of extra stable time, so that sessions that dropped
+        # together do not all return to the GPU at the same moment.
+        stagger = int.from_bytes(self.session_id.encode()[-4:].ljust(4, b"\0"), "little")
+        health = SessionHealth(self.cfg.degradation, srv.clock(),
+                               stagger=(stagger % 1000) / 1000)
         health.update(srv.clock(), srv.watch.tier, srv.watch.reason)  # start at the instance's
         video = VideoOutput(
             avatar, fmt, srv.reduced_size(fmt.width, fmt.height), self.cfg.video,
@@ -271,7 +275,8 @@ class SessionConnection:
             srv.metrics.stage_duration.labels("encode").observe)
         await video.start(health.tier)
         srv.prepare_tiers(avatar, fmt.codec, fmt.width, fmt.height)
-        self.tiers = SessionTiers(health, video, srv.watch, srv.metrics, srv.clock)
+        self.tiers = SessionTiers(health, video, srv.watch, srv.metrics, srv.clock,
+                                  self._reroute)
         self.tier = health.tier
         current = video.current
         self._silence = bytes(2 * (self.fmt.rate // self.fmt.fps))
@@ -624,6 +629,10 @@ class SessionConnection:
         playing = core.active_turn
         if change.tier == 3 and playing is not None:
             self._send_text(playing)
+
+    def _reroute(self, tier: int) -> None:
+        lanes = {1: Lane.PRIMARY, 2: Lane.FALLBACK}
+        self.server.engine.reroute(self.session_id, lanes.get(tier))
 
     def _send_text(self, turn: str) -> None:
         text = self._turn_text.get(turn)

@@ -245,6 +245,18 @@ class Engine:
                 fut.cancel()
             self._report(item, "cancelled", Route.STATIC, now, 0.0, 0, {})
 
+    def reroute(self, session: str, lane: Lane | None) -> None:
+        """A session changed tier: its queued chunks move to `lane`, or, for None (the
+        static tier), are served at once by their stand-ins. Chunks already rendering
+        finish where they are."""
+        if lane is not None:
+            if self.scheduler.reroute(session, lane):
+                self._wake.set()
+            return
+        gone = self.scheduler.cancel(session)
+        if gone:
+            self._spawn(self._fail(gone, "ok", Route.STATIC, self.clock(), "static tier"))
+
     @property
     def queue_depth(self) -> dict[Priority, int]:
         return self.scheduler.stats().queued

@@ -2,9 +2,12 @@
 
 Earliest deadline first within priority classes (a turn in progress before a
 new turn's first chunk before speculative work); waiting ages a chunk up one
-class per `aging_s` so nothing starves. The queue is bounded: overflow sheds
-the least urgent work. `schedule(now, free_workers)` returns immutable plans;
-the engine renders them and reports back with `complete(plan, now)`.
+class per `aging_s` so nothing starves. A chunk due later than `horizon_s`
+from now counts as speculative whatever its class: a session's turn that the
+TTS delivered ahead of time must not hold back another session's first chunk.
+The queue is bounded: overflow sheds the least urgent work.
+`schedule(now, free_workers)` returns immutable plans; the engine renders
+them and reports back with `complete(plan, now)`.
 
 Each chunk names the lane it wants (the primary renderer, or the CPU
 fallback for sessions in tier 2); the engine asks per lane kind which chunks
@@ -16,7 +19,7 @@ chunk would be late the lane is behind, and a full batch catches up fastest.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 
 from agent.latency import LatencyModel
@@ -65,12 +68,14 @@ class SchedulerStats:
 
 
 class ChunkScheduler:
-    def __init__(self, max_batch: int, max_queue: int, aging_s: float = 1.0) -> None:
+    def __init__(self, max_batch: int, max_queue: int, aging_s: float = 1.0,
+                 horizon_s: float | None = None) -> None:
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.aging_s = aging_s
+        self.horizon_s = horizon_s
         self._queue: list[WorkItem] = []
         self._shed = 0
         self._cancelled = 0
@@ -82,8 +87,11 @@ class ChunkScheduler:
         return len(self._queue)
 
     def _urgency(self, item: WorkItem, now: float) -> tuple[int, float]:
+        cls = int(item.priority)
+        if self.horizon_s is not None and item.deadline - now > self.horizon_s:
+            cls = int(Priority.SPECULATIVE)  # not needed soon: work ahead, not urgent work
         aged = int((now - item.enqueued) / self.aging_s) if self.aging_s > 0 else 0
-        return (max(int(item.priority) - aged, 0), item.deadline)
+        return (max(cls - aged, 0), item.deadline)
 
     def submit(self, item: WorkItem, now: float) -> list[WorkItem]:
         """Queue a chunk; returns the items shed to stay within the bound."""
@@ -108,6 +116,15 @@ class ChunkScheduler:
             self._queue.remove(it)
         self._cancelled += len(gone)
         return gone
+
+    def reroute(self, session: str, lane: Lane) -> int:
+        """Queued chunks of a session now want `lane` (its tier changed); returns how many."""
+        moved = 0
+        for i, it in enumerate(self._queue):
+            if it.key.session == session and it.lane is not lane:
+                self._queue[i] = replace(it, lane=lane)
+                moved += 1
+        return moved
 
     def schedule(
         self,

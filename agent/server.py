@@ -117,7 +117,8 @@ class AgentServer:
         self.engine = Engine(
             primaries,
             self.fallback_renderer,
-            ChunkScheduler(max_batch=caps.max_batch, max_queue=eng.max_queue, aging_s=eng.aging_s),
+            ChunkScheduler(max_batch=caps.max_batch, max_queue=eng.max_queue,
+                           aging_s=eng.aging_s, horizon_s=eng.urgent_horizon_s),
             breaker=config.breaker,
             fallback_workers=eng.fallback_workers,
             render_timeout_s=eng.render_timeout_s,

@@ -34,8 +34,10 @@ Loops = tuple[tuple[EncodedFrame, ...], tuple[EncodedFrame, ...]]
 
 class SessionTiers:
     def __init__(self, health: SessionHealth, video: VideoOutput, watch: InstanceWatch,
-                 metrics: Metrics, clock: Callable[[], float]) -> None:
+                 metrics: Metrics, clock: Callable[[], float],
+                 on_decided: Callable[[int], None]) -> None:
         self.health = health
+        self._on_decided = on_decided  # routes the session's queued work at once
         self.video = video
         self._watch = watch
         self._metrics = metrics
@@ -60,6 +62,7 @@ class SessionTiers:
     def poll(self) -> TierChanged | None:
         change = self.health.update(self._clock(), self._watch.tier, self._watch.reason)
         if change is not None:
+            self._on_decided(change.to_tier)
             if self._loading is not None and not self._loading.done():
                 self._loading.cancel()
             self._pending = change

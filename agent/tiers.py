@@ -14,7 +14,8 @@ returns to its own tier.
 
 `SessionHealth` turns what happens to one session (chunk outcomes, deadline
 misses, queue wait, send buffer overflows) into demands; `InstanceHealth`
-does the same for the instance (breaker states, queue wait, GPU memory).
+does the same for the instance (breaker states, GPU memory, a queue-wait
+pile-up).
 Frame-time pressure is judged per session (its deadline misses): moving the
 sessions that miss to tier 2 sheds just enough load, where an instance-wide
 drop would leave the GPU idle.
@@ -42,12 +43,15 @@ class TierChange:
 
 
 MAX_HOLD_FACTOR = 8  # a ladder that keeps falling back waits up to 8 x stable_s
+INSTANCE_WAIT_FACTOR = 4  # the instance drops at 4 x the session queue-wait limit
 
 
 class Ladder:
     def __init__(self, stable_s: float, now: float, tier: int = 1) -> None:
         if tier not in TIERS:
             raise ValueError(f"tier must be 1, 2 or 3, got {tier}")
+        if stable_s < 0:
+            raise ValueError(f"stable_s must be >= 0, got {stable_s}")
         self.stable_s = stable_s
         self.hold_s = stable_s  # the current stable period; doubles when a step up fails
         self._own = tier
@@ -91,7 +95,7 @@ class Ladder:
             now - self._changed_at >= self.hold_s
         ):
             own -= 1
-            reason = f"stable for {self.hold_s:g} s"
+            reason = f"stable for {self.hold_s:.1f} s"
             self._stepped_up_at = now
         elif own == 1 and self._stepped_up_at is not None and (
             now - self._stepped_up_at >= self.hold_s
@@ -107,7 +111,7 @@ class Ladder:
         if floor > own:
             reason = floor_reason
         elif not reason:
-            reason = f"stable for {self.hold_s:g} s"
+            reason = f"stable for {self.hold_s:.1f} s"
         change = TierChange(self._tier, effective, reason, now)
         self._tier = effective
         return change
@@ -128,9 +132,14 @@ _RANK = {"primary": 1, "fallback": 2, "static": 3}
 
 
 class SessionHealth:
-    def __init__(self, config: DegradationConfig, now: float, tier: int = 1) -> None:
+    def __init__(self, config: DegradationConfig, now: float, tier: int = 1,
+                 stagger: float = 0.0) -> None:
+        """`stagger` in [0, 1) lengthens the stable period by up to half: sessions that
+        dropped together (an overload) then return one by one, not all at once."""
+        if not 0.0 <= stagger < 1.0:
+            raise ValueError(f"stagger must be in [0, 1), got {stagger}")
         self.config = config
-        self.ladder = Ladder(config.stable_s, now, tier)
+        self.ladder = Ladder(config.stable_s * (1.0 + 0.5 * stagger), now, tier)
         self._late: deque[bool] = deque(maxlen=config.miss_window)
         self._late_tier = tier
         self._congestion: deque[float] = deque()
@@ -140,19 +149,24 @@ class SessionHealth:
         return self.ladder.tier
 
     def on_chunk(self, now: float, report: ChunkReport) -> None:
+        """A chunk came back. It is judged at the tier it was asked for: chunks queued
+        before a drop must not push the session further down."""
         tier = self.ladder.tier
+        asked = _RANK[report.wanted]
         served = _RANK[report.served_by]
         if report.outcome in FAILED_OUTCOMES:
             self.ladder.demand(served + 1, now, f"{report.served_by} render {report.outcome}")
-        elif served > _RANK[report.wanted]:
+        elif served > asked:
             why = "renderer unavailable" if served == 3 else "inference unavailable"
             self.ladder.demand(served, now, why)
         if report.late and report.queue_wait_s > self.config.queue_wait_s:
             # Badly late (a wait alone is harmless: work rendered ahead waits on purpose).
-            self.ladder.demand(tier + 1, now, f"queue wait {report.queue_wait_s:.1f} s")
+            self.ladder.demand(asked + 1, now, f"queue wait {report.queue_wait_s:.1f} s")
         if self._late_tier != tier:  # judge each tier on its own chunks
             self._late.clear()
             self._late_tier = tier
+        if asked != tier:
+            return
         self._late.append(report.late)
         needed = math.ceil(self.config.miss_ratio * self.config.miss_window)
         if sum(self._late) >= needed:
@@ -198,7 +212,9 @@ class InstanceHealth:
             self.ladder.demand(3, now, "no renderer available")
         elif no_primary:
             self.ladder.demand(2, now, "inference unavailable (circuit breaker open)")
-        if signals.queue_wait_p95_s > self.config.queue_wait_s:
+        if signals.queue_wait_p95_s > INSTANCE_WAIT_FACTOR * self.config.queue_wait_s:
+            # Only a pile-up: moving every session off a merely busy GPU would leave it
+            # idle; the sessions that miss their frames move on their own.
             self.ladder.demand(2, now, f"queue wait p95 {signals.queue_wait_p95_s:.1f} s")
         share = signals.gpu_memory_share
         if share is not None and share > self.gpu_memory_limit:

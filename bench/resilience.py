@@ -4,19 +4,24 @@ The CPU renderer wrapped in chaos delays stands in for one GPU (`--gpu-ms A,B`: 
 render call takes A ms plus B ms per chunk on top of the CPU work, so batching pays
 as on a GPU), with one primary lane and the CPU fallback behind it. Each row starts
 `python -m agent serve` afresh, opens N equal sessions that all speak back-to-back
-turns of speech-like audio in real time, and measures over a steady window:
+turns of speech-like audio (streamed at `--tts-speed` x real time, as a TTS
+delivers it), and measures over a steady window:
 
 - deadline-miss rate: chunks finished after their deadline, over chunks rendered
-  (server metrics);
+  (server metrics; a chunk whose audio came after its deadline counts only when
+  its render took longer than usual);
 - hold rate: slots of a turn that repeated the last picture because the next
   chunk was not back (client side, from seq numbers);
 - inter-frame arrival gaps (client side), frames per tier, TTFF;
 - fairness: Jain's index over the sessions' on-time shares (1 - hold rate) and
   over their delivered turn frames per second (1.0 = perfectly equal).
 
-Offered load is the speaking sessions' frame demand over the stand-in GPU's
-throughput at full batches. Admission control is relaxed (`--admission off`, the
+Speech load is the speech frames the sessions played per second over the
+stand-in GPU's throughput at full batches (closed loop: sessions that wait on
+holds ask for less). Admission control is relaxed (`--admission off`, the
 default) so that overload shows; with `on` the server refuses what it cannot hold.
+`--tiers off` keeps sessions at tier 1 under load (no shedding to the CPU
+fallback), to see what the scheduler alone does.
 The first row, without chaos, is the baseline (plain CPU renderer, same run).
 
     python -m bench.resilience --sessions 1,2,4,6,8 --gpu-ms 40,60
@@ -67,6 +72,10 @@ class Row:
     server_cpu: float
 
 
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
 def jain(xs: list[float]) -> float:
     a = np.asarray(xs, float)
     return float(a.sum() ** 2 / (len(a) * (a**2).sum())) if len(a) and (a**2).sum() > 0 else 1.0
@@ -88,14 +97,14 @@ def total(m: dict[str, float], prefix: str, exclude: tuple[str, ...] = ()) -> fl
     return sum(v for k, v in m.items() if k.startswith(prefix) and not any(e in k for e in exclude))
 
 
-async def speaker(client: SessionClient, rng: np.random.Generator, stop: float,
+async def speaker(client: SessionClient, rng: np.random.Generator, stop: float, speed: float,
                   ttffs: list[tuple[float, float]]) -> None:
     n = 0
     while time.monotonic() < stop:
         n += 1
         turn = f"t{n}"
         audio = speech_like(float(rng.uniform(2.5, 3.5)), 16000, seed=int(rng.integers(1 << 30)))
-        first = await client.speak(turn, audio, 16000)
+        first = await client.speak(turn, audio, 16000, realtime=speed)
         await client.wait_message("turn.done", 60, turn=turn)
         started = client.messages("turn.started")[-1]
         arrival = next((v.arrival for v in client.record.video
@@ -105,8 +114,8 @@ async def speaker(client: SessionClient, rng: np.random.Generator, stop: float,
         await asyncio.sleep(float(rng.uniform(0.2, 0.4)))
 
 
-def turn_slots(rec: SessionRecord, t0: float, t1: float) -> tuple[int, int, int]:
-    """(turn frames, hold slots, turn frames per window) of turns that started in [t0, t1]."""
+def turn_slots(rec: SessionRecord, t0: float, t1: float) -> tuple[int, int]:
+    """(turn frames, hold slots) of the turns that started within [t0, t1]."""
     seq_arrival = {v.header.seq: v.arrival for v in rec.video}
     dones = {m["turn"]: m for _, m in rec.messages if m.get("type") == "turn.done"}
     frames = holds = 0
@@ -123,11 +132,11 @@ def turn_slots(rec: SessionRecord, t0: float, t1: float) -> tuple[int, int, int]
         n = int(dones[m["turn"]]["frames"])
         frames += n
         holds += max(last - start + 1 - n, 0)
-    return frames, holds, frames
+    return frames, holds
 
 
 async def run_row(label: str, url: str, pid: int, sessions: int, duration: float,
-                  warmup: float, capacity_fps: float) -> Row:
+                  warmup: float, capacity_fps: float, speed: float) -> Row:
     clients: list[SessionClient] = []
     for _ in range(sessions):
         try:
@@ -137,7 +146,7 @@ async def run_row(label: str, url: str, pid: int, sessions: int, duration: float
     rng = np.random.default_rng(sessions)
     stop = time.monotonic() + warmup + duration
     ttffs: list[tuple[float, float]] = []
-    tasks = [asyncio.create_task(speaker(c, rng, stop, ttffs)) for c in clients]
+    tasks = [asyncio.create_task(speaker(c, rng, stop, speed, ttffs)) for c in clients]
     await asyncio.sleep(warmup)
     m0, cpu0, t0 = scrape(url), proc_cpu_seconds(pid), time.monotonic()
     await asyncio.sleep(duration)
@@ -165,7 +174,7 @@ async def run_row(label: str, url: str, pid: int, sessions: int, duration: float
         gaps.extend(np.diff([v.arrival for v in window]).tolist())
         for v in window:
             tier_counts[v.header.tier - 1] += 1
-        frames, holds, _ = turn_slots(c.record, t0, t1)
+        frames, holds = turn_slots(c.record, t0, t1)
         all_frames += frames
         all_holds += holds
         ontime.append(1 - holds / (frames + holds) if frames + holds else 1.0)
@@ -173,7 +182,6 @@ async def run_row(label: str, url: str, pid: int, sessions: int, duration: float
         speaking += sum(1 for v in window if v.header.flags & FrameFlags.SPEECH) / max(
             len(window), 1)
     demand_fps = 25.0 * speaking  # frames per second of speech the sessions asked for
-    pct = (lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan"))
     ttff_window = [d for at, d in ttffs if t0 <= at <= t1]
     share = tier_counts / max(tier_counts.sum(), 1)
     return Row(label, sessions, len(clients), demand_fps / capacity_fps,
@@ -205,9 +213,12 @@ def start_server(config: Path, chaos: str | None) -> tuple[subprocess.Popen[str]
     return proc, url
 
 
-def write_config(path: Path, avatar_dir: Path, size: int, admission: bool) -> None:
+def write_config(path: Path, avatar_dir: Path, size: int, admission: bool, tiers: bool) -> None:
     relaxed = "" if admission else (
         "admission:\n  speaking_share: 0.01\n  max_utilization: 1.0\n")
+    if not tiers:  # late chunks never move a session (failures would; there are none)
+        relaxed += ("degradation:\n  miss_window: 64\n  miss_ratio: 1.0\n"
+                    "  queue_wait_s: 1000.0\n")
     path.write_text(
         f"avatars:\n  cache_dir: {avatar_dir}\n  default_avatar:\n    size: {size}\n"
         "    clip_seconds: [4.0, 8.0]\n"
@@ -225,6 +236,10 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=4.0)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--admission", choices=["on", "off"], default="off")
+    p.add_argument("--tiers", choices=["on", "off"], default="on",
+                   help="off: deadline misses and queue wait never lower a session's tier")
+    p.add_argument("--tts-speed", type=float, default=4.0,
+                   help="audio streams at this many times real time (1: just in time)")
     args = p.parse_args()
     call_ms, chunk_ms = (float(x) for x in args.gpu_ms.split(","))
     chaos = f"delay_ms={call_ms:g},chunk_ms={chunk_ms:g}"
@@ -233,14 +248,15 @@ def main() -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "bench.yaml"
-        write_config(cfg, Path(tmp) / "avatars", args.size, args.admission == "on")
+        write_config(cfg, Path(tmp) / "avatars", args.size, args.admission == "on",
+                     args.tiers == "on")
         plan = [("baseline (no chaos)", 1, None)] + [
             ("stand-in GPU", int(n), chaos) for n in args.sessions.split(",")]
         for label, n, spec in plan:
             proc, url = start_server(cfg, spec)
             try:
                 rows.append(asyncio.run(run_row(label, url, proc.pid, n, args.duration,
-                                                args.warmup, capacity_fps)))
+                                                args.warmup, capacity_fps, args.tts_speed)))
             finally:
                 proc.terminate()
                 proc.wait(30)
@@ -250,10 +266,12 @@ def main() -> None:
     print(f"\nMachine: {describe()}")
     print(f"Server: python -m agent serve, CPU renderer, h264 {args.size}px, 25 fps; one primary "
           f"lane with chaos {chaos} standing in for a GPU (capacity {capacity_fps:.0f} "
-          f"frames/s at batch {MAX_BATCH}), CPU fallback behind it; admission {args.admission}. "
-          f"Every session speaks 2.5-3.5 s turns back to back in real time; "
+          f"frames/s at batch {MAX_BATCH}), CPU fallback behind it; admission {args.admission}, "
+          f"load-driven tiers {args.tiers}. "
+          f"Every session speaks 2.5-3.5 s turns back to back, its audio streamed at "
+          f"{args.tts_speed:g}x real time; "
           f"{args.duration:g} s window after {args.warmup:g} s.\n")
-    print("| run | sessions | admitted | offered load | deadline misses | holds | gap p50 ms | "
+    print("| run | sessions | admitted | speech load | deadline misses | holds | gap p50 ms | "
           "gap p95 ms | gap p99 ms | TTFF p50 ms | TTFF p95 ms | tier 1/2/3 % | "
           "Jain on-time | Jain throughput | shed | server CPU |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -169,3 +169,27 @@ async def test_queue_overflow_sheds_least_urgent_with_stand_ins(
         assert engine.stats().shed == len(shed)
     finally:
         await engine.close()
+
+
+async def test_reroute_moves_queued_work_and_static_serves_it_at_once(
+    parts: tuple[ChaosRenderer, Avatar]
+) -> None:
+    chaos, avatar = parts
+    chaos.set_spec(ChaosSpec(delay_ms=300))
+    engine = make_engine(avatar, chaos, cpu(avatar))
+    engine.start()
+    try:
+        now = engine.clock()
+        busy = [engine.submit(chunk(avatar, f"x{i}"), now, Priority.IN_TURN) for i in range(2)]
+        await asyncio.sleep(0.05)  # both primary-bound chunks are rendering (one lane)
+        moved = engine.submit(chunk(avatar, "a", 1), now + 1, Priority.IN_TURN)
+        gone = engine.submit(chunk(avatar, "b", 1), now + 1, Priority.IN_TURN)
+        engine.reroute("a", Lane.FALLBACK)
+        engine.reroute("b", None)
+        b = await asyncio.wait_for(gone, timeout(2))
+        assert (b.served_by, b.outcome) == (Route.STATIC, "ok")
+        a = await asyncio.wait_for(moved, timeout(2))
+        assert a.served_by is Route.FALLBACK
+        await asyncio.wait_for(asyncio.gather(*busy), timeout(5))
+    finally:
+        await engine.close()

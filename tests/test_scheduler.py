@@ -136,3 +136,13 @@ def test_chosen_batch_meets_its_deadlines_when_any_batch_can(
         assert model.estimate(len(plan.batch)) <= earliest + 1e-12
     else:
         assert len(plan.batch) == min(4, len(deadlines))
+
+
+def test_work_due_beyond_the_horizon_does_not_hold_back_a_first_chunk() -> None:
+    s = ChunkScheduler(max_batch=1, max_queue=10, aging_s=100, horizon_s=1.0)
+    for i in range(3):  # one session's turn, delivered ahead of time
+        s.submit(item("a", i, 2.0 + i, Priority.IN_TURN), 0.0)
+    s.submit(item("b", 0, 0.5, Priority.TURN_START), 0.0)
+    s.submit(item("a", 9, 0.3, Priority.IN_TURN), 0.0)  # due soon: still first
+    order = [(p.batch[0].key.session, p.batch[0].key.index) for p in s.schedule(0.0, 5)]
+    assert order == [("a", 9), ("b", 0), ("a", 0), ("a", 1), ("a", 2)]

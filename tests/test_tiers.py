@@ -129,6 +129,15 @@ def test_deadline_misses_in_the_window_step_down_one_tier() -> None:
     assert h.update(8.0) is None
 
 
+def test_chunks_queued_before_a_drop_do_not_push_further_down() -> None:
+    h = SessionHealth(CFG, now=0.0)
+    h.on_chunk(0.0, ChunkReport("primary", "primary", "ok", True, 2.0))
+    assert h.update(0.0) is not None and h.tier == 2
+    for i in range(8):  # the rest of the primary's queue, late as well
+        h.on_chunk(0.1 * i, ChunkReport("primary", "primary", "ok", True, 2.5))
+    assert h.update(1.0) is None and h.tier == 2
+
+
 def test_a_long_queue_wait_that_made_a_chunk_late_steps_down() -> None:
     h = SessionHealth(CFG, now=0.0)
     h.on_chunk(0.0, ChunkReport("primary", "primary", "ok", False, 1.5))  # on time anyway
@@ -162,7 +171,8 @@ def test_instance_tier_follows_breakers_queue_wait_and_gpu_memory() -> None:
     assert inst.update(11.9, healthy) is None
     assert inst.update(12.0, healthy) is not None and inst.tier == 2
     assert inst.update(22.0, healthy) is not None and inst.tier == 1
-    change = inst.update(23.0, InstanceSignals((closed,), closed, 2.0, None))
+    assert inst.update(23.0, InstanceSignals((closed,), closed, 2.0, None)) is None  # busy
+    change = inst.update(23.0, InstanceSignals((closed,), closed, 4.5, None))  # piled up
     assert change is not None and "queue wait" in change.reason
     inst2 = InstanceHealth(CFG, gpu_memory_limit=0.8, now=0.0)
     change = inst2.update(0.0, InstanceSignals((closed,), closed, 0.0, 0.85))
