@@ -25,7 +25,8 @@ def test_prior_then_proportional_then_tracks_a_slowdown() -> None:
     m = LatencyModel(prior_per_frame_s=0.02)
     assert m.estimate(8) == pytest.approx(0.16)
     m.observe(8, 0.08)  # one batch size only: cost proportional to frames
-    assert m.coefficients() == (0.0, pytest.approx(0.01))
+    a, b = m.coefficients()
+    assert a == 0.0 and b == pytest.approx(0.01)
     for _ in range(40):
         m.observe(8, 0.8)  # ten times slower now
     assert m.per_frame(8) == pytest.approx(0.1, rel=0.05)

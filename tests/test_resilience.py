@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 from agent.chaos import ChaosRenderer, ChaosSpec
 from agent.client import SessionClient, SessionRecord, SessionRefused
 from agent.config import AgentConfig
-from agent.protocol import FrameFlags, MediaKind, unpack_media
+from agent.protocol import FrameFlags, MediaHeader, MediaKind, unpack_media
 from agent.retry import BackoffPolicy
 from agent.server import AgentServer
 from media.cpu_renderer import CpuRenderer
@@ -102,7 +102,7 @@ async def test_chaos_fault_never_stalls_drops_the_tier_and_recovers(
         srv.chaos.set_spec(ChaosSpec())
 
         def stepped_up(rec: SessionRecord) -> bool:
-            return [m for _, m in rec.messages if m.get("type") == "tier"][-1]["tier"] == 1
+            return bool([m for _, m in rec.messages if m.get("type") == "tier"][-1]["tier"] == 1)
 
         await client.wait_for(stepped_up, timeout(12))
         assert tier_messages(client)[-1][1]["video"]["height"] == 128
@@ -291,7 +291,9 @@ async def test_congested_client_loses_video_not_audio_and_drops_to_tier_2(
             assert conn.tier == 2
             assert conn.sendbuf.video_queued <= cfg.video.send_buffer_frames
             # Read again: the tier message, every audio frame, video with gaps.
-            video, audio, tiers = [], [], []
+            video: list[MediaHeader] = []
+            audio: list[MediaHeader] = []
+            tiers: list[str] = []
             async with asyncio.timeout(timeout(10)):
                 while not (tiers and len(audio) > 100):
                     msg = await ws.recv()
