@@ -48,6 +48,14 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentC
         overrides["server.state_url"] = args.state_url
     if args.chaos is not None:
         overrides["engine.chaos"] = args.chaos
+    if args.sample_dir is not None:
+        overrides["observability.sample_dir"] = str(args.sample_dir)
+    if args.sample_rate is not None:
+        overrides["observability.sample_rate"] = args.sample_rate
+    if args.profile_turns is not None:
+        overrides["observability.profile_chunks"] = args.profile_turns
+    if args.profile_dir is not None:
+        overrides["observability.profile_dir"] = str(args.profile_dir)
     overrides.update(_security_overrides(args, environ, config))
     return config.with_overrides(overrides)
 
@@ -167,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: latentsync with checkpoints and CUDA, else cpu")
     s.add_argument("--avatar-dir", type=Path, help="avatar cache folder")
     s.add_argument("--log-format", choices=["json", "console"], help="log line format")
+    s.add_argument("--sample-dir", type=Path,
+                   help="save a sampled share of turns (input audio, output video) here")
+    s.add_argument("--sample-rate", type=float, help="share of turns to sample (0-1)")
+    s.add_argument("--profile-turns", type=int, metavar="N",
+                   help="write a torch profiler (Perfetto) trace of the first N chunks")
+    s.add_argument("--profile-dir", type=Path, help="where profiler traces go (./profiles)")
     s.add_argument("--state-url", help="redis://HOST:PORT/DB: share resumable sessions")
     s.add_argument("--chaos", metavar="SPEC",
                    help="inject faults into the primary renderer, e.g. 'hang=1.0', "

@@ -145,7 +145,9 @@ class LimitsConfig(_Config):
 class VideoConfig(_Config):
     codec: Literal["h264", "jpeg"] = Field("h264", description="Default codec of server video.")
     max_height: int = Field(512, ge=64, description="Default output height (capped by the avatar).")
-    keyframe_interval_s: float = Field(2.0, gt=0, le=2.0, description="Longest gap between keyframes.")
+    keyframe_interval_s: float = Field(
+        2.0, gt=0, le=2.0, description="Longest gap between keyframes."
+    )
     idle_keyframe_interval_frames: int = Field(
         25, ge=1, description="Keyframe spacing of the shared idle video (join points)."
     )
@@ -197,7 +199,9 @@ class LatentSyncConfig(_Config):
         20, ge=1, description="Denoising steps per chunk (LatentSync: 20 DDIM; dpm++: 8-10)."
     )
     guidance_scale: float = Field(1.5, ge=1.0, description="Classifier-free guidance scale.")
-    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Compute dtype.")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Compute dtype."
+    )
     max_batch: int = Field(4, ge=1, description="Chunks batched into one UNet call.")
     seed: int = Field(1247, description="Seed of the initial latents.")
     sampler: Literal["ddim", "dpm++"] = Field(
@@ -314,6 +318,21 @@ class LeakGuardConfig(_Config):
     exit_code: int = Field(75, ge=0, le=255, description="Exit status after a leak drain.")
 
 
+class ObservabilityConfig(_Config):
+    sample_dir: Path | None = Field(
+        None, description="Save a sampled share of turns (input audio, output video) here."
+    )
+    sample_rate: float = Field(0.0, ge=0, le=1, description="Share of turns to sample.")
+    sample_max_bytes: int = Field(
+        1 << 30, ge=1 << 20, description="Samples kept in all; the oldest go first."
+    )
+    profile_chunks: int = Field(
+        0, ge=0, description="Write a torch profiler (Perfetto) trace of this many chunks."
+    )
+    profile_dir: Path = Field(Path("profiles"), description="Where profiler traces go.")
+    gpu_poll_s: float = Field(5.0, gt=0, description="How often GPU gauges are read (NVML).")
+
+
 class LoggingConfig(_Config):
     format: Literal["json", "console"] = Field("json", description="Log line format.")
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
@@ -336,6 +355,7 @@ class AgentConfig(_Config):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     leak_guard: LeakGuardConfig = Field(default_factory=LeakGuardConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
 
     @model_validator(mode="after")
     def _check(self) -> AgentConfig:

@@ -39,6 +39,7 @@ from agent.errors import (
     Unsupported,
 )
 from agent.limits import SessionLimiter
+from agent.observe import SessionObserver
 from agent.protocol import (
     SUPPORTED_AUDIO_RATES,
     AudioInfo,
@@ -125,6 +126,7 @@ class SessionConnection:
         self.limiter: SessionLimiter | None = None  # created once hello authenticates
         self.superseded = False  # a resume took this session over: do not save it
         self.tier = 1
+        self.observer = SessionObserver("", "", None)  # replaced once the session opens
         self.core: SessionCore | None = None
         self.fmt: OutputFormat | None = None
         self.sendbuf = SendBuffer(self.cfg.video.send_buffer_frames)
@@ -269,10 +271,18 @@ class SessionConnection:
         health = SessionHealth(self.cfg.degradation, srv.clock(),
                                stagger=(stagger % 1000) / 1000)
         health.update(srv.clock(), srv.watch.tier, srv.watch.reason)  # start at the instance's
+        self.observer = SessionObserver(self.session_id, trace, srv.sampler)
+        encode_metric = srv.metrics.stage_duration.labels("encode").observe
+
+        def observe_encode(seconds: float) -> None:
+            encode_metric(seconds)
+            if self.core is not None and self.core.active_turn is not None:
+                self.observer.span(self.core.active_turn, "encode",
+                                   srv.clock() - seconds, seconds)
+
         video = VideoOutput(
             avatar, fmt, srv.reduced_size(fmt.width, fmt.height), self.cfg.video,
-            srv.encode_pool, srv.idle_video, srv.static_video,
-            srv.metrics.stage_duration.labels("encode").observe)
+            srv.encode_pool, srv.idle_video, srv.static_video, observe_encode)
         await video.start(health.tier)
         srv.prepare_tiers(avatar, fmt.codec, fmt.width, fmt.height)
         self.tiers = SessionTiers(health, video, srv.watch, srv.metrics, srv.clock,
@@ -365,6 +375,7 @@ class SessionConnection:
             self.tiers.close()
             self.tiers.video.close()
         srv.unregister(self)
+        await self.observer.close()
         log.info("session_closed", bye=self._bye)
         structlog.contextvars.clear_contextvars()
 
@@ -468,6 +479,7 @@ class SessionConnection:
                 core.on_speak_start(msg.turn, msg.text, msg.duration_ms, msg.style)
                 if msg.text:
                     self._turn_text[msg.turn] = msg.text
+                self.observer.turn_queued(msg.turn, self.server.clock())
                 log.info("turn_queued", turn_id=msg.turn, duration_ms=msg.duration_ms,
                          style=msg.style)
             case SpeakEnd():
@@ -506,6 +518,7 @@ class SessionConnection:
             self.sendbuf.push(OutMessage(d.model_copy(update={"pts_us": pts})))
             self._turn_text.pop(d.turn, None)
             self.server.metrics.turns.labels("interrupted").inc()
+            self.observer.turn_finished(d.turn, "interrupted", None, 0, 0)
         self._send_ready.set()
         log.info("interrupted", turns=len(done), flushed_frames=dropped)
         self._submit_chunks()
@@ -669,6 +682,8 @@ class SessionConnection:
                     buf.push(OutMedia(MediaKind.VIDEO, flags, tier, pts, enc.data))
                 buf.push(OutMedia(MediaKind.AUDIO, FrameFlags.NONE, tier, pts, self._silence))
             case MediaSlot():
+                if slot.client_turn:
+                    self.observer.frame_shown(slot.turn, slot.frame)
                 force = slot.first_of_turn or buf.needs_keyframe
                 enc = (video.static_packet(buf.needs_keyframe) if static
                        else await video.encode(slot.frame, force=force))
@@ -706,6 +721,8 @@ class SessionConnection:
             self.server.metrics.turns.labels("completed").inc()
             self.server.metrics.turn_duration.observe(done.frames / fmt.fps)
             log.info("turn_done", turn_id=done.turn, frames=done.frames)
+            self.observer.turn_finished(done.turn, "completed", core.last_turn_audio,
+                                        fmt.rate, fmt.fps)
             if not self.superseded:
                 await self.server.store.save(self._stored_light(),
                                              self.cfg.limits.resume_window_s)

@@ -138,6 +138,8 @@ class Metrics:
                        *SECURITY_REJECTIONS):
             self.admission_rejections.labels(reason)
         self.degradation_tier.set(1)
+        for gauge in (self.gpu_utilization, self.gpu_memory_used, self.gpu_memory_total):
+            gauge.labels("0").set(0)  # real readings replace these where a GPU exists
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -61,6 +61,7 @@ from agent.metrics import Metrics
 from agent.protocol import dump
 from agent.renderers import build_renderer
 from agent.scheduler import ChunkScheduler
+from agent.telemetry import SampleWriter, read_gpus
 from agent.watch import InstanceWatch
 from media.avatar import Avatar
 from media.cpu_renderer import CpuRenderer
@@ -99,6 +100,15 @@ class AgentServer:
         self.avatars = AvatarRegistry(config.avatars)
         given = renderer if renderer is not None else build_renderer(config, self.avatars)
         primaries = [given] if not isinstance(given, Sequence) else list(given)
+        obs = config.observability
+        if obs.profile_chunks > 0:
+            from media.profiling import ProfilingRenderer
+
+            primaries = [ProfilingRenderer(primaries[0], obs.profile_dir, obs.profile_chunks),
+                         *primaries[1:]]
+        self.sampler = (SampleWriter(obs.sample_dir.expanduser(), obs.sample_rate,
+                                     obs.sample_max_bytes)
+                        if obs.sample_dir is not None and obs.sample_rate > 0 else None)
         self.chaos: ChaosRenderer | None = None
         if config.engine.chaos is not None:
             # Chaos wraps the primary only: the fallbacks must stay healthy.
@@ -176,6 +186,9 @@ class AgentServer:
         self._announce_auth()
         self._warm_task = asyncio.create_task(self._warmup(), name="warmup")
         self.watch.start()
+        gpus = asyncio.create_task(self._poll_gpus(), name="gpu-gauges")
+        self._background.add(gpus)
+        gpus.add_done_callback(self._background.discard)
 
     @property
     def port(self) -> int:
@@ -490,7 +503,21 @@ class AgentServer:
             forwarded = ",".join(ws.request.headers.get_all("X-Forwarded-For")) or None
         return client_address(str(peer), forwarded, hops)
 
+    async def _poll_gpus(self) -> None:
+        """GPU gauges from NVML; without a GPU they stay at zero."""
+        m = self.metrics
+        while True:
+            for g in await asyncio.to_thread(read_gpus):
+                label = str(g.index)
+                m.gpu_utilization.labels(label).set(g.utilization)
+                m.gpu_memory_used.labels(label).set(g.memory_used)
+                m.gpu_memory_total.labels(label).set(g.memory_total)
+            await asyncio.sleep(self.config.observability.gpu_poll_s)
+
     def _on_chunk(self, outcome: ChunkOutcome) -> None:
+        conn = self.sessions.get(outcome.key.session)
+        if conn is not None:
+            conn.observer.chunk(outcome, self.clock())
         m = self.metrics
         label = outcome.outcome
         if label == "ok" and outcome.served_by != "primary":

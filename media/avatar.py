@@ -78,7 +78,9 @@ class Avatar:
         if not self.idle_loop:
             raise ValueError(f"avatar {self.id!r} has an empty idle loop")
         if self.width % 2 or self.height % 2:
-            raise ValueError(f"avatar {self.id!r} size must be even, got {self.width}x{self.height}")
+            raise ValueError(
+                f"avatar {self.id!r} size must be even, got {self.width}x{self.height}"
+            )
         self.check_ref(self.neutral)
         for spec in self.idle_loop:
             self.check_ref(spec.source)

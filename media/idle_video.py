@@ -16,12 +16,13 @@ def compose(avatar: Avatar, spec: FrameSpec) -> Frame:
         return np.ascontiguousarray(a)
     b = avatar.source.frame(spec.blend_to)
     w = spec.blend_weight
-    out: Frame = cv2.addWeighted(np.ascontiguousarray(a), 1.0 - w, np.ascontiguousarray(b), w, 0.0)
-    return out
+    out = cv2.addWeighted(np.ascontiguousarray(a), 1.0 - w, np.ascontiguousarray(b), w, 0.0)
+    return np.asarray(out, dtype=np.uint8)
 
 
 def idle_frames(avatar: Avatar, width: int, height: int) -> list[Frame]:
     frames = [compose(avatar, spec) for spec in avatar.idle_loop]
     if (width, height) != (avatar.width, avatar.height):
-        frames = [cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in frames]
+        frames = [np.asarray(cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA),
+                             dtype=np.uint8) for f in frames]
     return frames

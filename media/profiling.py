@@ -44,7 +44,8 @@ class ProfilingRenderer:
         if not profile:
             return self.inner.render(batch)
         import torch
-        from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+        from torch.profiler import ProfilerActivity, record_function
+        from torch.profiler import profile as torch_profile
 
         activities = [ProfilerActivity.CPU]
         if torch.cuda.is_available():

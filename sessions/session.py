@@ -106,6 +106,8 @@ class SessionCore:
         self._playing: Turn | None = None
         self._idle_index = 0
         self._last_frame: Frame | None = None
+        # The client audio of the last finished turn (for sampled quality records).
+        self.last_turn_audio: Audio | None = None
         self._last_spec: FrameSpec | None = None
         self._ids_seen: set[str] = set()
         self._turns_started = 0
@@ -327,6 +329,7 @@ class SessionCore:
             self._idle_index = 0  # the turn ended at neutral: idle_loop[0]
             if t.client:
                 self._turns_done += 1
+                self.last_turn_audio = t.audio_out.view()
                 done = TurnDone(turn=t.id, frames=t.played, interrupted=False, pts_us=0)
         slot = MediaSlot(
             turn=t.id,
