@@ -35,7 +35,12 @@ def latentsync_available(checkpoint_dir: Path, resolution: int) -> tuple[bool, s
     return True, "checkpoints and CUDA present"
 
 
-def build_renderer(config: AgentConfig, avatars: AvatarRegistry) -> Renderer:
+def build_renderer(config: AgentConfig, avatars: AvatarRegistry) -> Renderer | list[Renderer]:
+    """The primary renderer(s): one LatentSync renderer per visible GPU, or the CPU renderer.
+
+    Each GPU gets its own engine worker (lane); the engine hands the most urgent
+    batch to whichever lane is free, so sessions spread over the GPUs by load.
+    """
     choice = config.renderer.name
     ckpt = Path(config.renderer.latentsync.checkpoint_dir)
     if choice == "auto":
@@ -47,5 +52,10 @@ def build_renderer(config: AgentConfig, avatars: AvatarRegistry) -> Renderer:
             from media.latentsync.renderer import LatentSyncRenderer
         except ImportError as exc:
             raise ConfigError(f"the LatentSync renderer cannot be loaded: {exc}") from None
-        return LatentSyncRenderer(avatars.get, config.renderer.latentsync)
+        from media.latentsync.renderer import cuda_device_count
+
+        gpus = max(cuda_device_count(), 1)
+        log.info("renderer_devices", renderer="latentsync", gpus=gpus)
+        return [LatentSyncRenderer(avatars.get, config.renderer.latentsync, device=f"cuda:{i}")
+                for i in range(gpus)]
     return CpuRenderer(avatars.get, config.renderer.cpu)

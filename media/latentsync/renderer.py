@@ -76,6 +76,11 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def cuda_device_count() -> int:
+    """Visible CUDA devices (CUDA_VISIBLE_DEVICES applies)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def architecture_config(resolution: int) -> Path:
     if resolution not in ARCHITECTURES:
         raise ConfigError(f"no LatentSync release for {resolution} px crops; "
