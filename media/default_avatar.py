@@ -34,6 +34,7 @@ from media.avatar_cache import (
     procedural_content_hash,
     write_procedural_avatar,
 )
+from media.prepare_motion import gesture_ends, runs
 from media.procedural import MOTION_FIELDS, Motion, ProceduralRig, head_forward
 from media.types import FrameSpec, SourceRef
 
@@ -333,16 +334,9 @@ def _measure(
         name=name,
         num_frames=motion.shape[0],
         tags=tags,
-        rest_segments=_runs(rest, max(round(_REST_MIN_SECONDS * fps), 1)),
+        rest_segments=runs(rest, max(round(_REST_MIN_SECONDS * fps), 1)),
         gesture_ends=_gesture_ends(speed, k, max(round(_GESTURE_HOLD_SECONDS * fps), 2)),
     )
-
-
-def _runs(mask: npt.NDArray[np.bool_], min_len: int) -> tuple[tuple[int, int], ...]:
-    padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
-    edges = np.flatnonzero(np.diff(padded))
-    pairs = zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True)
-    return tuple((a, b) for a, b in pairs if b - a >= min_len)
 
 
 def _gesture_ends(speed: npt.NDArray[np.float64], k: float, hold: int) -> tuple[int, ...]:
@@ -351,18 +345,6 @@ def _gesture_ends(speed: npt.NDArray[np.float64], k: float, hold: int) -> tuple[
     The hold keeps the turning point of a nod (slow for a frame or two) from
     counting as the end of the gesture.
     """
-    ends: list[int] = []
     fast = speed > _GESTURE_SPEED_512 * k
     slow = speed < _GESTURE_END_SPEED_512 * k
-    n = speed.shape[0]
-    f = 0
-    while f < n:
-        if fast[f]:
-            g = f
-            while g < n and not slow[g : g + hold].all():
-                g += 1
-            if g + hold <= n:
-                ends.append(g)
-            f = g
-        f += 1
-    return tuple(ends)
+    return gesture_ends(fast, slow, hold)

@@ -77,13 +77,13 @@ def analyse_motion(points: npt.NDArray[np.float32], good: npt.NDArray[np.bool_],
     closed = float(np.percentile(gap[good], 10)) if good.any() else 0.0
     mouth_gap = np.maximum(gap - closed, 0.0)
     rest = good & (speed < REST_SPEED) & (mouth_gap < MOUTH_CLOSED)
-    segments = _runs(rest, max(round(REST_MIN_S * fps), 1))
+    segments = runs(rest, max(round(REST_MIN_S * fps), 1))
     calm = False
     if not any(b - a >= _idle_piece(fps) for a, b in segments):
         # Nothing long enough for an idle loop: add the calmest window.
         for a, b in _calmest(speed + mouth_gap, good, fps):
             rest[a:b], calm = True, True
-        segments = _runs(rest, max(round(REST_MIN_S * fps), 1))
+        segments = runs(rest, max(round(REST_MIN_S * fps), 1))
     return ClipMotion(
         geometry=geometry.astype(np.float32),
         speed=speed,
@@ -135,7 +135,8 @@ def _idle_piece(fps: int) -> int:
     return 2 * max(round(IDLE_BLEND_S * fps), 1) + 1
 
 
-def _runs(mask: npt.NDArray[np.bool_], min_len: int) -> tuple[tuple[int, int], ...]:
+def runs(mask: npt.NDArray[np.bool_], min_len: int) -> tuple[tuple[int, int], ...]:
+    """[start, end) ranges of True at least `min_len` long."""
     padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
     edges = np.flatnonzero(np.diff(padded))
     pairs = zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True)
@@ -161,10 +162,16 @@ def _calmest(cost: npt.NDArray[np.float64], good: npt.NDArray[np.bool_], fps: in
 
 def _gesture_ends(speed: npt.NDArray[np.float64], hold: int) -> tuple[int, ...]:
     """After each run above the gesture speed, the first frame that starts `hold` slow frames."""
-    ends: list[int] = []
     fast = np.isfinite(speed) & (speed > GESTURE_SPEED)
-    slow = speed < GESTURE_END_SPEED
-    n = speed.shape[0]
+    return gesture_ends(fast, speed < GESTURE_END_SPEED, hold)
+
+
+def gesture_ends(fast: npt.NDArray[np.bool_], slow: npt.NDArray[np.bool_], hold: int
+                 ) -> tuple[int, ...]:
+    """After each run of `fast` frames, the first frame that starts `hold` `slow` frames
+    (the shared rule of prepared and generated avatars)."""
+    ends: list[int] = []
+    n = fast.shape[0]
     f = 0
     while f < n:
         if fast[f]:
