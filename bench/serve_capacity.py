@@ -43,6 +43,7 @@ class Row:
     server_cpu: float  # cores
     client_cpu: float
     rss_mb: float
+    tier2_share: float  # share of sessions the server moved below tier 1
 
 
 async def speaker(client: SessionClient, rng: np.random.Generator, stop: float,
@@ -96,9 +97,10 @@ async def run_row(url: str, pid: int, sessions: int, share: float, duration: flo
         arrivals = [v.arrival for v in c.record.video if t0 <= v.arrival <= t1]
         gaps.extend(np.diff(arrivals).tolist())
     pct = (lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan"))
+    degraded = sum(1 for c in clients if any(v.header.tier > 1 for v in c.record.video))
     return Row(sessions, n_speak, pct(gaps, 50), pct(gaps, 95), pct(gaps, 99),
                pct(ttffs, 50), pct(ttffs, 95), len(ttffs), (cpu1 - cpu0) / (t1 - t0),
-               (ccpu1 - ccpu0) / (t1 - t0), rss / 2**20)
+               (ccpu1 - ccpu0) / (t1 - t0), rss / 2**20, degraded / max(sessions, 1))
 
 
 def start_server(args: argparse.Namespace, avatar_dir: Path) -> tuple[subprocess.Popen[str], str]:
@@ -149,12 +151,14 @@ def main() -> None:
     print(f"Server: python -m agent serve (CPU renderer), {args.codec} {args.height}px, 25 fps; "
           f"{args.speaking:.0%} of sessions speaking 2-5 s turns in real time\n")
     print("| sessions | speaking | gap p50 ms | gap p95 ms | gap p99 ms | TTFF p50 ms | "
-          "TTFF p95 ms | turns | server CPU (cores) | client CPU | server RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "TTFF p95 ms | turns | server CPU (cores) | client CPU | server RSS MB | "
+          "below tier 1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.sessions} | {r.speaking} | {r.gap_p50 * 1e3:.1f} | {r.gap_p95 * 1e3:.1f} | "
               f"{r.gap_p99 * 1e3:.1f} | {r.ttff_p50 * 1e3:.0f} | {r.ttff_p95 * 1e3:.0f} | "
-              f"{r.turns} | {r.server_cpu:.2f} | {r.client_cpu:.2f} | {r.rss_mb:.0f} |")
+              f"{r.turns} | {r.server_cpu:.2f} | {r.client_cpu:.2f} | {r.rss_mb:.0f} | "
+              f"{r.tier2_share:.0%} |")
 
 
 if __name__ == "__main__":
