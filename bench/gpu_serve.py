@@ -212,20 +212,21 @@ async def drive(url: str, args: argparse.Namespace, users: int, speaking: int) -
     return report
 
 
-async def run_config(args: argparse.Namespace, name: str, models: LatentSyncModels,
+async def run_config(args: argparse.Namespace, name: str, models_per_gpu: list[LatentSyncModels],
                      cache: Path, deadline: float) -> ConfigRun:
     settings = {**SAMPLERS[name], "cuda_graphs": not args.no_graphs}
     run = ConfigRun(name, settings)
     config = server_config(args, cache, settings)
-    cuda = models.device.type == "cuda"
+    cuda = models_per_gpu[0].device.type == "cuda"
     avatars = AvatarRegistry(config.avatars)
-    renderer = TimedRenderer(avatars.get, config.renderer.latentsync, models=models,
-                             resolution=args.resolution)
+    # One renderer (engine lane) per GPU, as build_renderer makes them.
+    renderers = [TimedRenderer(avatars.get, config.renderer.latentsync, models=m,
+                               resolution=args.resolution) for m in models_per_gpu]
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     started = time.perf_counter()
-    server = AgentServer(config, renderer=renderer)
+    server = AgentServer(config, renderer=renderers if len(renderers) > 1 else renderers[0])
     await server.start()
     await wait_ready(server.port, 300)
     run.warm_start_s = time.perf_counter() - started
@@ -238,13 +239,17 @@ async def run_config(args: argparse.Namespace, name: str, models: LatentSyncMode
                 run.note = f"ramp cut at {users} users: time budget spent"
                 break
             speaking = max(1, round(users / 3))
-            renderer.calls.clear()
+            for r in renderers:
+                r.calls.clear()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             before = chunk_counts(server)
             client = await drive(server.url, args, users, speaking)
-            step = summarise(users, speaking, client, renderer.calls, before,
-                             chunk_counts(server))
+            calls = [c for r in renderers for c in r.calls]
+            step = summarise(users, speaking, client, calls, before, chunk_counts(server))
+            if len(renderers) > 1:
+                per_gpu = [sum(c.chunks for c in r.calls) for r in renderers]
+                run.note += f"{name} {users} users: chunks per GPU {per_gpu}. "
             if cuda:
                 step.peak_alloc_gib = torch.cuda.max_memory_allocated() / GIB
             run.steps.append(step)
@@ -378,6 +383,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--render-timeout", type=float, default=5.0)
     p.add_argument("--no-graphs", action="store_true", help="eager UNet (CUDA graphs off)")
+    p.add_argument("--gpus", type=int, default=1, help="renderers (engine lanes), one per GPU")
     args = p.parse_args(argv)
     args.users = {"exact": [int(x) for x in args.users_exact.split(",")],
                   "fast": [int(x) for x in args.users_fast.split(",")]}
@@ -391,10 +397,12 @@ async def main_async(args: argparse.Namespace) -> None:
     configure_logging(AgentConfig().logging.model_copy(update={"level": "warning",
                                                               "format": "console"}))
     tune_process()
-    device = torch.device("cpu" if args.tiny else "cuda:0")
+    devices = [torch.device("cpu" if args.tiny else f"cuda:{i}") for i in range(args.gpus)]
+    device = devices[0]
     dtype = torch.float32 if args.tiny else torch.float16
     t0 = time.perf_counter()
-    models = build_models(args.tiny, device, dtype)
+    models_per_gpu = [build_models(args.tiny, d, dtype) for d in devices]
+    models = models_per_gpu[0]
     if device.type == "cuda":
         torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
@@ -407,14 +415,14 @@ async def main_async(args: argparse.Namespace) -> None:
             "models": "tiny" if args.tiny else "stage2.json UNet, Whisper tiny, sd-vae-ft-mse",
             "codec": args.codec, "height": args.height, "max_batch": args.max_batch,
             "render_timeout": args.render_timeout, "model_build_s": build_s,
-            "weights_gib": weights / GIB, "duration": args.duration, "settle": args.settle}
+            "weights_gib": weights / GIB, "gpus": args.gpus, "duration": args.duration, "settle": args.settle}
     args.out.mkdir(parents=True, exist_ok=True)
     runs: list[ConfigRun] = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
         AvatarRegistry(server_config(args, cache, {}).avatars).warmup()  # cached before timing
         for name in args.configs.split(","):
-            runs.append(await run_config(args, name, models, cache, deadline))
+            runs.append(await run_config(args, name, models_per_gpu, cache, deadline))
             save(args.out, runs, meta)
     meta["total_s"] = time.monotonic() - start
     if device.type == "cuda":

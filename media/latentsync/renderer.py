@@ -21,6 +21,7 @@ graph per batch size up to `max_batch`, so no capture stalls a live chunk.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -74,6 +75,15 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
+
+
+def device_scope(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Make `device` the current CUDA device in this (worker) thread: CUDA-graph capture
+    and replay, and any tensor made without an explicit device, follow the current
+    device, which is cuda:0 in a new thread whatever GPU this renderer owns."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def cuda_device_count() -> int:
@@ -262,22 +272,23 @@ class LatentSyncRenderer:
         A CUDA-graph predictor first captures its graphs for every batch size."""
         with self._lock, torch.inference_mode():
             core = self._core()
-            models, r = core.models, self.resolution
-            side = r // models.codec.downsample
-            grey = torch.zeros(1, 3, r, r, device=models.device)
-            noise = torch.zeros(1, models.codec.latent_channels, side, side)
-            latent = models.codec.encode(grey, noise)[:, :, None]  # (1, C, 1, h, w)
-            latents = latent.expand(-1, -1, CHUNK_FRAMES, -1, -1)
-            speech = np.zeros(CHUNK_FRAMES, bool)
-            silent = np.zeros(required_samples(CHUNK_FRAMES, WARMUP_FPS), np.float32)
-            audio = audio_conditioning(models, [AudioRequest(
-                chunk_audio(silent, 0, CHUNK_FRAMES, WARMUP_FPS, False), speech)])
-            self._capture_graphs(core, latents.shape, audio.shape)
-            out = core.denoiser.denoise(core.masks.latent, latents, latents, audio)
-            pictures = core.denoiser.decode(out[0].permute(1, 0, 2, 3))  # (F, 3, r, r)
-            frame = np.full((1, 2 * r, 2 * r, 3), 127, np.uint8)
-            centred = np.array([[[1.0, 0.0, -r / 2], [0.0, 1.0, -r / 2]]])
-            paste_faces(frame, pictures[:1], centred, np.ones(1, bool), core.masks.paste_alpha)
+            with device_scope(core.models.device):
+                models, r = core.models, self.resolution
+                side = r // models.codec.downsample
+                grey = torch.zeros(1, 3, r, r, device=models.device)
+                noise = torch.zeros(1, models.codec.latent_channels, side, side)
+                latent = models.codec.encode(grey, noise)[:, :, None]  # (1, C, 1, h, w)
+                latents = latent.expand(-1, -1, CHUNK_FRAMES, -1, -1)
+                speech = np.zeros(CHUNK_FRAMES, bool)
+                silent = np.zeros(required_samples(CHUNK_FRAMES, WARMUP_FPS), np.float32)
+                audio = audio_conditioning(models, [AudioRequest(
+                    chunk_audio(silent, 0, CHUNK_FRAMES, WARMUP_FPS, False), speech)])
+                self._capture_graphs(core, latents.shape, audio.shape)
+                out = core.denoiser.denoise(core.masks.latent, latents, latents, audio)
+                pictures = core.denoiser.decode(out[0].permute(1, 0, 2, 3))  # (F, 3, r, r)
+                frame = np.full((1, 2 * r, 2 * r, 3), 127, np.uint8)
+                centred = np.array([[[1.0, 0.0, -r / 2], [0.0, 1.0, -r / 2]]])
+                paste_faces(frame, pictures[:1], centred, np.ones(1, bool), core.masks.paste_alpha)
 
     def render(self, batch: Sequence[RenderChunk]) -> list[RenderResult]:
         if not batch:
@@ -288,7 +299,8 @@ class LatentSyncRenderer:
         with self._lock, torch.inference_mode():
             core = self._core()
             try:
-                return self._render(core, batch)
+                with device_scope(core.models.device):
+                    return self._render(core, batch)
             except torch.cuda.OutOfMemoryError as exc:
                 if core.models.device.type == "cuda":
                     torch.cuda.empty_cache()
