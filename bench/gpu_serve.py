@@ -415,7 +415,8 @@ async def main_async(args: argparse.Namespace) -> None:
             "models": "tiny" if args.tiny else "stage2.json UNet, Whisper tiny, sd-vae-ft-mse",
             "codec": args.codec, "height": args.height, "max_batch": args.max_batch,
             "render_timeout": args.render_timeout, "model_build_s": build_s,
-            "weights_gib": weights / GIB, "gpus": args.gpus, "duration": args.duration, "settle": args.settle}
+            "weights_gib": weights / GIB, "gpus": args.gpus, "duration": args.duration,
+            "settle": args.settle}
     args.out.mkdir(parents=True, exist_ok=True)
     runs: list[ConfigRun] = []
     with tempfile.TemporaryDirectory() as tmp:

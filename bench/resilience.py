@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +44,7 @@ import numpy as np
 from agent.client import SessionClient, SessionRecord, SessionRefused
 from agent.protocol import FrameFlags
 from bench.machine import describe, proc_cpu_seconds
-from tests.serverutil import speech_like
+from tests.serverutil import server_process, speech_like
 
 CHUNK = 8  # the CPU renderer's frames per chunk
 MAX_BATCH = 4
@@ -192,27 +190,6 @@ async def run_row(label: str, url: str, pid: int, sessions: int, duration: float
                jain(ontime), jain(rates), shed, (cpu1 - cpu0) / (t1 - t0))
 
 
-def start_server(config: Path, chaos: str | None) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "agent", "serve", "--port", "0", "--config", str(config)]
-    if chaos:
-        cmd += ["--chaos", chaos]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"(ws://\S+)", line)
-    if not match:
-        proc.kill()
-        raise SystemExit(f"server did not start: {line!r}")
-    url = match.group(1)
-    health = url.replace("ws://", "http://").replace("/v1/session", "/readyz")
-    for _ in range(600):
-        with contextlib.suppress(Exception), urllib.request.urlopen(health, timeout=1) as r:
-            if r.status == 200:
-                break
-        time.sleep(0.1)
-    return proc, url
-
-
 def write_config(path: Path, avatar_dir: Path, size: int, admission: bool, tiers: bool) -> None:
     relaxed = "" if admission else (
         "admission:\n  speaking_share: 0.01\n  max_utilization: 1.0\n")
@@ -253,13 +230,10 @@ def main() -> None:
         plan = [("baseline (no chaos)", 1, None)] + [
             ("stand-in GPU", int(n), chaos) for n in args.sessions.split(",")]
         for label, n, spec in plan:
-            proc, url = start_server(cfg, spec)
-            try:
+            chaos_args = ("--chaos", spec) if spec else ()
+            with server_process("--config", str(cfg), *chaos_args) as (proc, url):
                 rows.append(asyncio.run(run_row(label, url, proc.pid, n, args.duration,
                                                 args.warmup, capacity_fps, args.tts_speed)))
-            finally:
-                proc.terminate()
-                proc.wait(30)
             r = rows[-1]
             print(f"  {label}, {n} sessions: misses {r.miss_rate:.1%}, holds {r.hold_rate:.1%}, "
                   f"gap p95 {r.gap_p95 * 1e3:.0f} ms", file=sys.stderr)

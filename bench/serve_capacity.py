@@ -14,20 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from agent.client import SessionClient
-from agent.protocol import FrameFlags
 from bench.machine import describe, proc_cpu_seconds, proc_rss_bytes
-from tests.serverutil import speech_like
+from tests.serverutil import server_process, speech_like
 
 
 @dataclass
@@ -96,33 +92,14 @@ async def run_row(url: str, pid: int, sessions: int, share: float, duration: flo
     for c in clients:
         arrivals = [v.arrival for v in c.record.video if t0 <= v.arrival <= t1]
         gaps.extend(np.diff(arrivals).tolist())
-    pct = (lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan"))
+
+    def pct(xs: list[float], q: float) -> float:
+        return float(np.percentile(xs, q)) if xs else float("nan")
+
     degraded = sum(1 for c in clients if any(v.header.tier > 1 for v in c.record.video))
     return Row(sessions, n_speak, pct(gaps, 50), pct(gaps, 95), pct(gaps, 99),
                pct(ttffs, 50), pct(ttffs, 95), len(ttffs), (cpu1 - cpu0) / (t1 - t0),
                (ccpu1 - ccpu0) / (t1 - t0), rss / 2**20, degraded / max(sessions, 1))
-
-
-def start_server(args: argparse.Namespace, avatar_dir: Path) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "agent", "serve", "--port", "0", "--avatar-dir",
-           str(avatar_dir), "--renderer", "cpu", "--max-sessions", "1000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"(ws://\S+)", line)
-    if not match:
-        proc.kill()
-        raise SystemExit(f"server did not start: {line!r}")
-    url = match.group(1)
-    health = url.replace("ws://", "http://").replace("/v1/session", "/readyz")
-    import urllib.request
-
-    for _ in range(600):
-        with contextlib.suppress(Exception), urllib.request.urlopen(health, timeout=1) as r:
-            if r.status == 200:
-                break
-        time.sleep(0.1)
-    return proc, url
 
 
 def main() -> None:
@@ -137,13 +114,10 @@ def main() -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in [int(x) for x in args.sessions.split(",")]:
-            proc, url = start_server(args, Path(tmp))
-            try:
+            with server_process("--avatar-dir", tmp, "--renderer", "cpu",
+                                "--max-sessions", "1000") as (proc, url):
                 rows.append(asyncio.run(run_row(url, proc.pid, n, args.speaking, args.duration,
                                                 args.warmup, args.height, args.codec)))
-            finally:
-                proc.terminate()
-                proc.wait(30)
             r = rows[-1]
             print(f"  {n} sessions: gap p95 {r.gap_p95 * 1000:.1f} ms, ttff p95 "
                   f"{r.ttff_p95 * 1000:.0f} ms, server {r.server_cpu:.2f} cores", file=sys.stderr)

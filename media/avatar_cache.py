@@ -338,11 +338,13 @@ def _check_refs(
 
 
 class _NoSource:
+    """Stands in for pictures while only an avatar's metadata is being validated."""
+
     def frame(self, ref: SourceRef) -> Frame:
-        raise NotImplementedError
+        raise RuntimeError("an avatar built for validation has no pictures")
 
     def geometry(self, ref: SourceRef) -> Geometry:
-        raise NotImplementedError
+        raise RuntimeError("an avatar built for validation has no geometry")
 
 
 # --- reading -----------------------------------------------------------------

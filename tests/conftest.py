@@ -1,4 +1,7 @@
-"""Shared test fixtures. Timeouts scale from one unit (TIMEOUT_UNIT_S, env AVATAR_TEST_TIMEOUT_UNIT)."""
+"""Shared test fixtures.
+
+Timeouts scale from one unit (TIMEOUT_UNIT_S, env AVATAR_TEST_TIMEOUT_UNIT).
+"""
 
 from __future__ import annotations
 

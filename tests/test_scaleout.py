@@ -134,8 +134,7 @@ async def instance_of(url: str) -> str:
 async def test_nginx_routes_reconnects_to_the_same_instance(
     avatar_dir: Path, tmp_path: Path
 ) -> None:
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
-                                      else None)
+    nginx = shutil.which("nginx", path="/usr/sbin:/usr/bin:/sbin:/bin")
     if nginx is None:
         pytest.skip("nginx is not installed (apt-get install nginx-light)")
     args = small_args(avatar_dir)  # in-memory stores: resume works only on the same instance
@@ -143,13 +142,15 @@ async def test_nginx_routes_reconnects_to_the_same_instance(
         port = free_port()
         hosts = [u.split("//")[1].split("/")[0] for u in (url_a, url_b)]
         conf = nginx_config(tmp_path, port, hosts)
-        proc = subprocess.Popen([nginx, "-c", str(conf), "-e", str(tmp_path / "error.log")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = await asyncio.to_thread(
+            subprocess.Popen, [nginx, "-c", str(conf), "-e", str(tmp_path / "error.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             base = f"ws://127.0.0.1:{port}/v1/session"
             for _ in range(100):
                 with contextlib.suppress(OSError):
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                    await asyncio.to_thread(urllib.request.urlopen,
+                                            f"http://127.0.0.1:{port}/healthz", timeout=1)
                     break
                 await asyncio.sleep(0.05)
             # The same key always lands on the same instance; keys spread over both.
