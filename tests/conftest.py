@@ -6,6 +6,7 @@ Timeouts scale from one unit (TIMEOUT_UNIT_S, env AVATAR_TEST_TIMEOUT_UNIT).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,18 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is not present")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """Torch on one intra-op thread for a module (use with `pytest.mark.usefixtures`).
+
+    Tiny models gain nothing from intra-op threads, and on a busy 2-core machine
+    OpenMP threads spin against other processes: one tiny UNet forward took 4 s with
+    2 threads and 0.3 s with 1."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,19 +21,10 @@ from media.latentsync.config import UNetConfig
 from media.latentsync.unet import DeepCacheState, UNet3DConditionModel
 from media.latentsync.verify import relative_error
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("torch_one_thread")]
 
 B, F, H, W = 1, 4, 8, 8  # one chunk (CFG batch 2) of 4 frames, 8x8 latents
 STEPS = 9
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny tensors gain nothing from intra-op threads on a busy shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ fixtures needed, so it runs on a machine without ../shared).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,21 +32,12 @@ from media.types import ChunkKey, FrameSpec, RenderChunk, SourceRef
 from tests.latentsyncutil import CROP, tiny_models, tiny_vae
 from tests.serverutil import speech_like
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("torch_one_thread")]
 
 FPS = 25
 FAST = {"sampler": "dpm++", "inference_steps": 4, "deepcache_interval": 3}
 # diffusers' DPM-Solver++ set_timesteps calls np.array on a tensor (numpy 2 deprecation).
 DPM_WARNING = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from intra-op threads on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

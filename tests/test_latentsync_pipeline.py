@@ -46,21 +46,12 @@ from tests.latentsyncutil import (
     tiny_vae,
 )
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("torch_one_thread")]
 
 FPS = 25
 SPF = 16_000 // FPS
 P = {name: i for i, name in enumerate(FACE_POINTS)}
 STAGES = {"audio_features", "face", "inference", "decode", "paste"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from intra-op threads on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,10 @@ import re
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from agent.avatars import AvatarRegistry
 from agent.client import SessionClient
@@ -24,18 +22,9 @@ from tests.conftest import REPO, timeout
 from tests.latentsyncutil import tiny_renderer
 from tests.serverutil import running_server, small_config, speech_like
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("torch_one_thread")]
 
 STAGES = ("audio_features", "face", "inference", "decode", "paste")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from intra-op threads on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def stage_counts(server: AgentServer) -> dict[str, float]:

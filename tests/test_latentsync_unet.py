@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,18 +19,7 @@ from media.latentsync.config import UNetConfig
 from media.latentsync.unet import UNet3DConditionModel
 from media.latentsync.verify import FAITHFUL_RELATIVE_ERROR, relative_error, verify_unet
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # The tiny model gains nothing from intra-op threads, and on a busy 2-core machine
-    # OpenMP threads spin against other processes: one forward took 4 s with 2 threads
-    # and 0.3 s with 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("torch_one_thread")]
 
 
 @pytest.fixture(scope="module")

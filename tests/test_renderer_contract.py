@@ -23,7 +23,6 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
-import torch
 
 from agent.config import CpuRendererConfig, DefaultAvatarConfig
 from agent.errors import RenderError
@@ -42,7 +41,7 @@ from media.types import (
 )
 from tests.latentsyncutil import tiny_renderer
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("torch_one_thread")]
 
 FPS = 25
 SPF = samples_per_frame(FPS)
@@ -77,15 +76,6 @@ CASES = [
         id="latentsync-tiny",
     ),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # Tiny torch models gain nothing from intra-op threads on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
