@@ -26,36 +26,33 @@ def _serve(args: argparse.Namespace) -> int:
     return run_server(serve_config(args, os.environ))
 
 
+# `serve` flags that set one config field each: argparse dest -> dotted config path.
+_SERVE_OVERRIDES = {
+    "host": "server.host",
+    "port": "server.port",
+    "max_sessions": "server.max_sessions",
+    "renderer": "renderer.name",
+    "avatar_dir": "avatars.cache_dir",
+    "log_format": "logging.format",
+    "state_url": "server.state_url",
+    "chaos": "engine.chaos",
+    "sample_dir": "observability.sample_dir",
+    "sample_rate": "observability.sample_rate",
+    "profile_turns": "observability.profile_chunks",
+    "profile_dir": "observability.profile_dir",
+}
+
+
 def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConfig:
     """The config file (or defaults) with the command line and environment on top."""
     from agent.config import load_config
 
     config = load_config(args.config)
-    overrides: dict[str, object] = {}
-    if args.host is not None:
-        overrides["server.host"] = args.host
-    if args.port is not None:
-        overrides["server.port"] = args.port
-    if args.max_sessions is not None:
-        overrides["server.max_sessions"] = args.max_sessions
-    if args.renderer is not None:
-        overrides["renderer.name"] = args.renderer
-    if args.avatar_dir is not None:
-        overrides["avatars.cache_dir"] = str(args.avatar_dir)
-    if args.log_format is not None:
-        overrides["logging.format"] = args.log_format
-    if args.state_url is not None:
-        overrides["server.state_url"] = args.state_url
-    if args.chaos is not None:
-        overrides["engine.chaos"] = args.chaos
-    if args.sample_dir is not None:
-        overrides["observability.sample_dir"] = str(args.sample_dir)
-    if args.sample_rate is not None:
-        overrides["observability.sample_rate"] = args.sample_rate
-    if args.profile_turns is not None:
-        overrides["observability.profile_chunks"] = args.profile_turns
-    if args.profile_dir is not None:
-        overrides["observability.profile_dir"] = str(args.profile_dir)
+    overrides: dict[str, object] = {
+        path: getattr(args, flag)
+        for flag, path in _SERVE_OVERRIDES.items()
+        if getattr(args, flag) is not None
+    }
     overrides.update(_security_overrides(args, environ, config))
     return config.with_overrides(overrides)
 
