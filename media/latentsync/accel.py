@@ -259,13 +259,19 @@ class GraphPredictor:
         torch.cuda.current_stream(device).wait_stream(side)
 
         pool = torch.cuda.graph_pool_handle()
+        # torch.cuda.graph's default capture stream is created once per process on the
+        # device current at the time (cuda:0): a graph of another GPU needs its own stream.
+        # Thread-local errors: a renderer on another GPU may allocate while this captures.
+        capture = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         full = torch.cuda.CUDAGraph()
-        with self._kernels(), torch.cuda.graph(full, pool=pool):
+        with self._kernels(), torch.cuda.graph(full, pool=pool, stream=capture,
+                                               capture_error_mode="thread_local"):
             full_out = self._forward(sample, timestep, audio, cache, refresh=True)
         shallow = shallow_out = None
         if cache is not None:  # cache.deep is now the full graph's static output
             shallow = torch.cuda.CUDAGraph()
-            with self._kernels(), torch.cuda.graph(shallow, pool=pool):
+            with self._kernels(), torch.cuda.graph(shallow, pool=pool, stream=capture,
+                                                   capture_error_mode="thread_local"):
                 shallow_out = self._forward(sample, timestep, audio, cache, refresh=False)
         return _Graphs(sample, timestep, audio, full, full_out, shallow, shallow_out)
 
