@@ -382,6 +382,12 @@ def test_keda_scales_the_server_on_the_recorded_gpu_rule(
     query = trigger["metadata"]["query"]
     assert query == f'100 * avatar:gpu_autoscale_input:ratio{{namespace="{namespace}"}}'
     assert "avatar:gpu_autoscale_input:ratio" in _recorded()
+    # The bounds are the capacity plan's, for the measured users per GPU.
+    plan = (REPO / "docs" / "deploy.md").read_text()
+    row = re.search(r"^\| maxReplicaCount per region \|.*\| (\d+) \|$", plan, re.MULTILINE)
+    assert row is not None, "docs/deploy.md lost its maxReplicaCount row"
+    assert scaled["spec"]["maxReplicaCount"] == int(row.group(1))
+    assert scaled["spec"]["minReplicaCount"] >= 3
 
 
 def test_prod_uses_managed_redis_under_the_same_service_name(
