@@ -26,8 +26,11 @@ seconds per loop. Rows:
   frames copied to the host, B=1;
 - memory: weights, eager peak allocated, graph footprint (reserved after capture).
 Optional sections (not in the default 'all'): `profile` (top kernels of one eager call)
-and `aot` (AOTInductor compile or load, its speed against graphs and eager in the same
-run, then a fresh process's warm start from the disk cache).
+`aot` (AOTInductor compile or load, its speed against graphs and eager in the same
+run, then a fresh process's warm start from the disk cache) and `compile` (torch.compile
+under CUDA graphs against plain graphs, exact and fast samplers, cold compile time, then
+a fresh process's warm start from Inductor's disk caches, TORCHINDUCTOR_CACHE_DIR,
+default .cache/inductor).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import describe  # noqa: E402
 from media.latentsync.accel import (  # noqa: E402
     AotPredictor,
+    CompiledPredictor,
     GraphPredictor,
     NoisePredictor,
     SchedulerKind,
@@ -483,6 +487,78 @@ class Bench:
             )
             log(self.notes[-1])
 
+    def compiled_predictor(self, interval: int) -> NoisePredictor:
+        if self.cuda:
+            return CompiledPredictor(self.unet, interval, mode=self.args.compile_mode)
+        return UNetPredictor(torch.compile(self.unet, dynamic=False), interval)  # type: ignore[arg-type]
+
+    def compile_section(self, px: int, batches: list[int]) -> None:
+        """torch.compile (Inductor) under CUDA graphs against plain CUDA graphs, same run:
+        cold compile + capture time, speed, difference; then a fresh process's warm start
+        from Inductor's on-disk caches."""
+        latent = px // 8
+        mode = self.args.compile_mode
+        for b in batches:
+            if not self.time_left():
+                self.skipped.append(f"{px}px compile B={b}")
+                continue
+            base_s, base_out = self.loop(self.graphs(), b, latent)
+            self.add("+ CUDA graphs (this run's baseline)", px, b, 20, base_s)
+            pred = self.compiled_predictor(1)
+            t0 = time.perf_counter()
+            if isinstance(pred, GraphPredictor):
+                pred.warmup((2 * b, 13, FRAMES, latent, latent), (2 * b * FRAMES, 50, 384))
+            cold = time.perf_counter() - t0
+            s, out = self.loop(pred, b, latent)
+            self.add(f"torch.compile ({mode}) + CUDA graphs", px, b, 20, s,
+                     relative_error(out.float(), base_out.float()))
+            self.notes.append(f"{px}px B={b} torch.compile ({mode}) cold compile + capture"
+                              f" {cold:.1f} s (rel. L2 column: against this run's CUDA-graph"
+                              " result, same B-chunk inputs)")
+            log(self.notes[-1])
+            del pred
+        b = max(batches)
+        for name, interval, kind, steps in (("DPM-Solver++ 8 + DeepCache 3", 3, "dpm++", 8),):
+            if not self.time_left():
+                self.skipped.append(f"{px}px compile {name}")
+                continue
+            base_s, base_out = self.loop(self.graphs(interval), b, latent, steps=steps, kind=kind)
+            self.add(f"{name} (this run's baseline)", px, b, steps, base_s)
+            pred = self.compiled_predictor(interval)
+            t0 = time.perf_counter()
+            s, out = self.loop(pred, b, latent, steps=steps, kind=kind)
+            self.add(f"{name}, torch.compile ({mode})", px, b, steps, s,
+                     relative_error(out.float(), base_out.float()))
+            del pred
+        if "compilewarm" not in self.args.sections:  # the parent: a fresh process's start
+            b = min(batches)
+            cmd = [sys.executable, __file__, "--config", self.args.config,
+                   "--sections", "compilewarm", "--compile-batch", str(b),
+                   "--compile-mode", mode] + (["--tiny"] if self.args.tiny else [])
+            t0 = time.perf_counter()
+            child = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            wall = time.perf_counter() - t0
+            lines = [ln for ln in child.stdout.splitlines() if ln.startswith("warm start:")]
+            self.notes.append(
+                f"fresh process, Inductor caches on disk ({os.environ['TORCHINDUCTOR_CACHE_DIR']}):"
+                f" {wall:.1f} s from launch to exit"
+                f" ({lines[-1] if lines else 'child failed: ' + child.stderr[-300:]})")
+            log(self.notes[-1])
+
+    def compile_warm_start(self, px: int, b: int) -> None:
+        """Child process: compile (from the disk caches) and capture one shape."""
+        latent = px // 8
+        built = time.perf_counter() - self.started
+        pred = self.compiled_predictor(1)
+        t0 = time.perf_counter()
+        if isinstance(pred, GraphPredictor):
+            pred.warmup((2 * b, 13, FRAMES, latent, latent), (2 * b * FRAMES, 50, 384))
+        else:
+            self.loop(pred, b, latent, steps=1, reps=1)
+        sync()
+        print(f"warm start: model built {built:.1f} s (imports excluded), B={b} compiled from"
+              f" the caches and captured in {time.perf_counter() - t0:.1f} s", flush=True)
+
     def profile(self, px: int, b: int) -> None:
         """Where one eager UNet call spends GPU time: the top kernels, to a text file."""
         latent = px // 8
@@ -601,18 +677,23 @@ def main() -> None:
     parser.add_argument("--aot-dir", type=Path, default=Path(".cache/aoti"))
     parser.add_argument("--aot-batch", type=int, default=8, help="chunks per AOT-compiled call")
     parser.add_argument("--profile-out", default="latentsync_profile.txt")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode for the 'compile' section")
+    parser.add_argument("--compile-batches", default="1,8", help="chunks per compiled call")
+    parser.add_argument("--compile-batch", type=int, default=1, help="compilewarm's batch")
     args = parser.parse_args()
     if args.tiny:  # a CPU smoke run: 4-frame chunks, one thread (a busy shared machine)
         global FRAMES
         FRAMES = 4
         torch.set_num_threads(1)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(".cache/inductor").resolve()))
     bench = Bench(args)
     log(f"{bench.card}: weights {bench.weights_gib:.2f} GiB")
     small, large = (128, 256) if args.tiny else (256, 512)
     sections = args.sections.split(",") if args.sections != "all" else ["all"]
 
     def want(name: str) -> bool:
-        optional = name.startswith("aot") or name == "profile"
+        optional = name.startswith(("aot", "compile")) or name == "profile"
         return name in sections or ("all" in sections and not optional)
 
     steps: list[tuple[str, Callable[[], None]]] = [
@@ -626,6 +707,9 @@ def main() -> None:
         ("profile", lambda: bench.profile(small, 1)),
         ("aot", lambda: bench.aot(small, args.aot_batch)),
         ("aotwarm", lambda: bench.aot_warm_start(small, args.aot_batch)),
+        ("compile", lambda: bench.compile_section(
+            small, [int(x) for x in args.compile_batches.split(",")])),
+        ("compilewarm", lambda: bench.compile_warm_start(small, args.compile_batch)),
     ]
     for name, run in steps:
         if not want(name):

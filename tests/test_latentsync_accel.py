@@ -153,3 +153,57 @@ def test_graph_predictor_matches_eager(unet: UNet3DConditionModel, interval: int
     # float32 on the GPU: the graphs replay the same kernels (tf32 off by default).
     assert relative_error(replayed, eager) < 1e-4
     assert torch.equal(again, replayed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_graph_predictor_on_a_second_gpu_while_the_first_works(shared_dir: Path) -> None:
+    """A renderer's worker thread owns cuda:1 while another thread keeps cuda:0 busy: its
+    graphs must be captured and replayed on cuda:1 (the regression: torch's default capture
+    stream lives on cuda:0, so capture failed on every chunk of the second GPU's lane)."""
+    import threading
+
+    # Random weights from the tiny config (only the config need travel to a GPU machine).
+    config = UNetConfig.from_json(shared_dir / "fixtures" / "tiny_unet_config.json")
+    torch.manual_seed(0)
+    first = UNet3DConditionModel(config).to("cuda:0").eval()
+    second = UNet3DConditionModel(config).to("cuda:1").eval()
+    second.load_state_dict(first.state_dict())
+    stop = threading.Event()
+
+    def keep_busy() -> None:  # allocations and launches on cuda:0 during the capture
+        noise, conditions, audio = chunk_inputs(1, "cuda:0")
+        with torch.inference_mode(), torch.cuda.device(0):
+            while not stop.is_set():
+                denoise(UNetPredictor(first), make_scheduler(), noise, conditions, audio, steps=2)
+                torch.cuda.synchronize(0)
+
+    results: dict[str, torch.Tensor | BaseException] = {}
+
+    def lane() -> None:
+        try:
+            noise, conditions, audio = chunk_inputs(6, "cuda:1")
+            with torch.inference_mode(), torch.cuda.device(1):
+                eager = denoise(UNetPredictor(second, 3), make_scheduler(), noise, conditions,
+                                audio, steps=STEPS)
+                graphs = GraphPredictor(second, 3)
+                replayed = denoise(graphs, make_scheduler(), noise, conditions, audio,
+                                   steps=STEPS)
+            results["eager"], results["replayed"] = eager, replayed
+        except BaseException as exc:  # reported below, not lost in the thread
+            results["error"] = exc
+
+    busy = threading.Thread(target=keep_busy)
+    busy.start()
+    try:
+        worker = threading.Thread(target=lane)  # a new thread: current device cuda:0
+        worker.start()
+        worker.join(timeout=120)
+    finally:
+        stop.set()
+        busy.join(timeout=60)
+    assert "error" not in results, repr(results.get("error"))
+    replayed, eager = results["replayed"], results["eager"]
+    assert isinstance(replayed, torch.Tensor) and isinstance(eager, torch.Tensor)
+    assert replayed.device == torch.device("cuda:1")
+    assert relative_error(replayed, eager) < 1e-4
