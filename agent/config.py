@@ -215,6 +215,15 @@ class LatentSyncConfig(_Config):
         True, description="Replay the UNet as CUDA graphs, captured per batch size at warm-up"
         " (CUDA devices only; same numbers as eager)."
     )
+    compile: bool = Field(
+        False, description="Compile the UNet with torch.compile (Inductor) under the CUDA graphs"
+        " (CUDA only): about 1.5x the frames per second on an H100. The first start compiles"
+        " every batch size (about 1.5 min each); later starts reuse compile_cache_dir."
+    )
+    compile_cache_dir: Path = Field(
+        Path("~/.cache/avatar-agent/inductor"), description="Inductor's on-disk caches"
+        " (TORCHINDUCTOR_CACHE_DIR) when compile is on; keep it on a volume."
+    )
 
 
 class RendererConfig(_Config):

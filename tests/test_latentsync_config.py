@@ -20,7 +20,7 @@ from agent.errors import ConfigError
 from media.avatar import Avatar
 from media.default_avatar import ensure_default_avatar
 from media.latentsync import accel
-from media.latentsync.accel import GraphPredictor, UNetPredictor
+from media.latentsync.accel import CompiledPredictor, GraphPredictor, UNetPredictor
 from media.latentsync.audio_features import AudioFeatureExtractor
 from media.latentsync.config import UNetConfig
 from media.latentsync.pipeline import LatentSyncModels
@@ -169,3 +169,53 @@ def test_cuda_graphs_are_captured_at_warmup_and_render_what_eager_renders(
     eager = frames_of(renderer(avatar, models, **FAST, cuda_graphs=False), batch)
     for mine, reference in zip(replayed, eager, strict=True):
         assert np.abs(mine.astype(int) - reference).max() <= 2
+
+
+def test_compile_is_off_by_default_and_only_compiles_under_cuda_graphs() -> None:
+    assert LatentSyncConfig().compile is False
+    models = tiny_models()  # CPU: no graphs there, so no compiling either (minutes per shape)
+    predictor = noise_predictor_for(LatentSyncConfig(compile=True), models)
+    assert type(predictor) is UNetPredictor
+
+
+@DPM_WARNING
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_unet_renders_what_eager_renders(
+    avatar: Avatar, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    models = random_tiny_models("cuda")
+    config = LatentSyncConfig(compile=True, compile_cache_dir=tmp_path / "inductor")
+    assert isinstance(noise_predictor_for(config, models), CompiledPredictor)
+    assert (tmp_path / "inductor").is_dir()
+    batch = [chunk(avatar), chunk(avatar, 7, index=1)]
+    made = renderer(avatar, models, **FAST, max_batch=2, compile=True,
+                    compile_cache_dir=tmp_path / "inductor")
+    made.warmup()
+    compiled = frames_of(made, batch)
+    eager = frames_of(renderer(avatar, models, **FAST, cuda_graphs=False), batch)
+    for mine, reference in zip(compiled, eager, strict=True):
+        assert np.abs(mine.astype(int) - reference).max() <= 3
+
+
+@DPM_WARNING
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_renderer_on_the_second_gpu_warms_up_and_renders_in_a_worker_thread(
+    avatar: Avatar,
+) -> None:
+    """What a second engine lane does: its thread's current device is cuda:0."""
+    import concurrent.futures
+
+    results = {}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for index in (0, 1):
+            def lane(index: int = index) -> list[npt.NDArray[Any]]:
+                made = renderer(avatar, random_tiny_models(f"cuda:{index}"), **FAST, max_batch=2)
+                made.warmup()
+                return frames_of(made, [chunk(avatar), chunk(avatar, 7, index=1)])
+            results[index] = pool.submit(lane)
+        first, second = results[0].result(timeout=300), results[1].result(timeout=300)
+    for a, b in zip(first, second, strict=True):  # same seeds on both GPUs
+        assert np.abs(a.astype(int) - b).max() <= 2

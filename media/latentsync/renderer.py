@@ -16,12 +16,15 @@ Calls are serialised (one GPU stream); stage times are those of the batch.
 The sampler and the UNet runner come from config (`sampler`, `deepcache_interval`,
 `cuda_graphs`; the defaults are LatentSync's exact 20-step DDIM): see
 `noise_predictor_for` and `scheduler_for`. With CUDA graphs, `warmup` captures one
-graph per batch size up to `max_batch`, so no capture stalls a live chunk.
+graph per batch size up to `max_batch`, so no capture stalls a live chunk; with
+`compile` also on, it first compiles the UNet for each of those shapes (Inductor;
+minutes cold, seconds from `compile_cache_dir`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +40,7 @@ from agent.config import LatentSyncConfig
 from agent.errors import ConfigError, GpuOutOfMemory, NotFound, RenderError
 from media.avatar import Avatar
 from media.latentsync import accel
-from media.latentsync.accel import GraphPredictor, UNetPredictor
+from media.latentsync.accel import CompiledPredictor, GraphPredictor, UNetPredictor
 from media.latentsync.audio_features import AudioFeatureExtractor, required_samples
 from media.latentsync.checkpoint import load_unet
 from media.latentsync.config import UNetConfig
@@ -154,8 +157,19 @@ def noise_predictor_for(config: LatentSyncConfig, models: LatentSyncModels) -> N
     `cuda_graphs` (the CPU has no graphs: eager there), DeepCache when
     `deepcache_interval` > 1."""
     if config.cuda_graphs and models.device.type == "cuda":
+        if config.compile:
+            use_compile_cache(config.compile_cache_dir)
+            return CompiledPredictor(models.unet, config.deepcache_interval)
         return GraphPredictor(models.unet, config.deepcache_interval)
     return UNetPredictor(models.unet, config.deepcache_interval)
+
+
+def use_compile_cache(path: Path) -> None:
+    """Point Inductor's on-disk caches (compiled kernels, FX graphs) at `path`, unless the
+    environment already names a folder (TORCHINDUCTOR_CACHE_DIR wins)."""
+    folder = Path(path).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
 
 
 def scheduler_for(sampler: Literal["ddim", "dpm++"]) -> Callable[[], Scheduler]:
