@@ -383,8 +383,12 @@ class Bench:
             statistics.median(times[1:]),
         )
 
-    def first_chunk(self, px: int) -> None:
-        """Audio available -> 16 frames on the host, B=1, warm (graphs captured)."""
+    def first_chunk(
+        self, px: int, variants: list[tuple[str, NoisePredictor, SchedulerKind, int, bool]]
+        | None = None,
+    ) -> None:
+        """Audio available -> 16 frames on the host, B=1, warm (graphs captured).
+        variants: (name, predictor, sampler, steps, with VAE encode)."""
         latent = px // 8
         encoder = WhisperEncoder().to(self.device)
         extractor = AudioFeatureExtractor(encoder, device=self.device, dtype=self.dtype)
@@ -394,11 +398,11 @@ class Bench:
         chunk = ChunkAudio(audio, 0, FRAMES, FPS)
         noise, conditions, _ = chunk_inputs(1, latent, self.device, self.dtype)
         images = torch.randn(FRAMES, 3, px, px, device=self.device, dtype=self.dtype)
-        for name, pred, kind, steps, with_encode in (
+        for name, pred, kind, steps, with_encode in variants or [
             ("exact, avatar latents cached", self.graphs(), "ddim", 20, False),
             ("exact, + VAE encode x2", self.graphs(), "ddim", 20, True),
             ("DPM-Solver++ 10 + DeepCache 3", self.graphs(3), "dpm++", 10, False),
-        ):
+        ]:
             parts: dict[str, list[float]] = {"features": [], "encode": [], "unet": [], "decode": []}
             totals = []
             for rep in range(self.args.reps + 2):  # the first rep warms (captures graphs)
@@ -530,6 +534,14 @@ class Bench:
             self.add(f"{name}, torch.compile ({mode})", px, b, steps, s,
                      relative_error(out.float(), base_out.float()))
             del pred
+        if self.time_left():  # the first chunk of a turn, B=1, compiled
+            self.first_chunk(px, [
+                ("exact, compiled", self.compiled_predictor(1), "ddim", 20, False),
+                ("DDIM 20 + DeepCache 3 (turn start), compiled", self.compiled_predictor(3),
+                 "ddim", 20, False),
+                ("DPM-Solver++ 8 + DeepCache 3, compiled", self.compiled_predictor(3), "dpm++",
+                 8, False),
+            ])
         if "compilewarm" not in self.args.sections:  # the parent: a fresh process's start
             b = min(batches)
             cmd = [sys.executable, __file__, "--config", self.args.config,

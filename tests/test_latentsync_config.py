@@ -219,3 +219,34 @@ def test_a_renderer_on_the_second_gpu_warms_up_and_renders_in_a_worker_thread(
         first, second = results[0].result(timeout=300), results[1].result(timeout=300)
     for a, b in zip(first, second, strict=True):  # same seeds on both GPUs
         assert np.abs(a.astype(int) - b).max() <= 2
+
+
+def later_chunk(avatar: Avatar, first_frame: int = 16) -> RenderChunk:
+    frames = tuple(FrameSpec(SourceRef(1, first_frame + f), speech=True) for f in range(16))
+    return RenderChunk(ChunkKey("s", "t", 1), avatar.id, frames, first_frame,
+                       speech_like(1.5, 16_000, seed=3), FPS)
+
+
+def test_turn_start_setting_applies_to_calls_holding_a_turns_first_chunk(avatar: Avatar) -> None:
+    models = tiny_models()
+    start, later = chunk(avatar), later_chunk(avatar)
+    made = renderer(avatar, models, inference_steps=4, turn_start_deepcache_interval=3)
+    try:
+        first_out = made.render([start])[0].frames
+        later_out = made.render([later])[0].frames
+        mixed = [r.frames for r in made.render([later, start])]  # one call: the faster setting
+    finally:
+        made.close()
+
+    def cached(batch: list[RenderChunk]) -> list[npt.NDArray[Any]]:
+        return frames_of(renderer(avatar, models, inference_steps=4, deepcache_interval=3),
+                         batch)
+
+    def exact(batch: list[RenderChunk]) -> list[npt.NDArray[Any]]:
+        return frames_of(renderer(avatar, models, inference_steps=4), batch)
+
+    assert np.array_equal(first_out, cached([start])[0])
+    assert not np.array_equal(first_out, exact([start])[0])  # the setting changed something
+    assert np.array_equal(later_out, exact([later])[0])
+    for mine, reference in zip(mixed, cached([later, start]), strict=True):
+        assert np.array_equal(mine, reference)

@@ -152,16 +152,18 @@ def load_models(
                           ) from None
 
 
-def noise_predictor_for(config: LatentSyncConfig, models: LatentSyncModels) -> NoisePredictor:
+def noise_predictor_for(config: LatentSyncConfig, models: LatentSyncModels,
+                        interval: int | None = None) -> NoisePredictor:
     """The UNet runner that `config` asks for: CUDA-graph replay on a CUDA device when
-    `cuda_graphs` (the CPU has no graphs: eager there), DeepCache when
-    `deepcache_interval` > 1."""
+    `cuda_graphs` (the CPU has no graphs: eager there), compiled under the graphs when
+    `compile`, DeepCache when `deepcache_interval` (or `interval`) > 1."""
+    interval = config.deepcache_interval if interval is None else interval
     if config.cuda_graphs and models.device.type == "cuda":
         if config.compile:
             use_compile_cache(config.compile_cache_dir)
-            return CompiledPredictor(models.unet, config.deepcache_interval)
-        return GraphPredictor(models.unet, config.deepcache_interval)
-    return UNetPredictor(models.unet, config.deepcache_interval)
+            return CompiledPredictor(models.unet, interval)
+        return GraphPredictor(models.unet, interval)
+    return UNetPredictor(models.unet, interval)
 
 
 def use_compile_cache(path: Path) -> None:
@@ -195,14 +197,19 @@ class _ChunkPlan:
 
 
 class _Loaded:
-    """What a live renderer holds; dropped by `close()`."""
+    """What a live renderer holds; dropped by `close()`. `turn_start` denoises the calls
+    that hold a turn's first chunk when config asks for a faster setting there."""
 
-    def __init__(self, models: LatentSyncModels, denoiser: ChunkDenoiser, masks: CropMasks
-                 ) -> None:
+    def __init__(self, models: LatentSyncModels, denoiser: ChunkDenoiser, masks: CropMasks,
+                 turn_start: ChunkDenoiser | None = None) -> None:
         self.models = models
         self.denoiser = denoiser
+        self.turn_start = turn_start
         self.masks = masks
         self.faces: dict[str, AvatarFaces] = {}
+
+    def denoisers(self) -> list[ChunkDenoiser]:
+        return [self.denoiser] + ([self.turn_start] if self.turn_start is not None else [])
 
 
 class LatentSyncRenderer:
@@ -246,8 +253,16 @@ class LatentSyncRenderer:
             guidance_scale=config.guidance_scale, seed=config.seed,
             predictor=noise_predictor or noise_predictor_for(config, models),
             scheduler=scheduler or scheduler_for(config.sampler))
+        turn_start = None
+        if config.turn_start_deepcache_interval not in (1, config.deepcache_interval):
+            turn_start = ChunkDenoiser(
+                models, inference_steps=config.inference_steps,
+                guidance_scale=config.guidance_scale, seed=config.seed,
+                predictor=noise_predictor_for(config, models,
+                                              config.turn_start_deepcache_interval),
+                scheduler=scheduler or scheduler_for(config.sampler))
         masks = crop_masks(self.resolution, models.codec.downsample, models.device)
-        self._loaded: _Loaded | None = _Loaded(models, denoiser, masks)
+        self._loaded: _Loaded | None = _Loaded(models, denoiser, masks, turn_start)
         self._seed = config.seed
         self._lock = threading.Lock()
         self._caps = RendererCapabilities(
@@ -297,8 +312,9 @@ class LatentSyncRenderer:
                 silent = np.zeros(required_samples(CHUNK_FRAMES, WARMUP_FPS), np.float32)
                 audio = audio_conditioning(models, [AudioRequest(
                     chunk_audio(silent, 0, CHUNK_FRAMES, WARMUP_FPS, False), speech)])
-                self._capture_graphs(core, latents.shape, audio.shape)
-                out = core.denoiser.denoise(core.masks.latent, latents, latents, audio)
+                for denoiser in core.denoisers():
+                    self._capture_graphs(denoiser, latents.shape, audio.shape)
+                    out = denoiser.denoise(core.masks.latent, latents, latents, audio)
                 pictures = core.denoiser.decode(out[0].permute(1, 0, 2, 3))  # (F, 3, r, r)
                 frame = np.full((1, 2 * r, 2 * r, 3), 127, np.uint8)
                 centred = np.array([[[1.0, 0.0, -r / 2], [0.0, 1.0, -r / 2]]])
@@ -334,14 +350,15 @@ class LatentSyncRenderer:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def _capture_graphs(self, core: _Loaded, latents: torch.Size, audio: torch.Size) -> None:
+    def _capture_graphs(self, denoiser: ChunkDenoiser, latents: torch.Size, audio: torch.Size
+                        ) -> None:
         """latents (1, C, F, h, w) and audio (F, S, W) of one chunk: capture the UNet input
         shapes of every batch size (guided: 2B rows)."""
-        predictor = core.denoiser.predictor
+        predictor = denoiser.predictor
         if not isinstance(predictor, GraphPredictor):
             return
         _, c, f, h, w = latents
-        halves = 2 if core.denoiser.guided else 1
+        halves = 2 if denoiser.guided else 1
         for b in range(1, self._caps.max_batch + 1):
             rows = halves * b
             predictor.warmup((rows, 1 + 3 * c, f, h, w), (rows * audio[0], *audio[1:]))
@@ -362,7 +379,10 @@ class LatentSyncRenderer:
         masked = torch.stack([i.masked for i in inputs]).transpose(1, 2)  # (B, C, 16, h, w)
         reference = torch.stack([i.reference for i in inputs]).transpose(1, 2)
         t2 = self._sync(core)
-        latents = core.denoiser.denoise(core.masks.latent, masked, reference, audio)
+        denoiser = core.denoiser
+        if core.turn_start is not None and any(p.chunk.first_frame == 0 for p in plans):
+            denoiser = core.turn_start
+        latents = denoiser.denoise(core.masks.latent, masked, reference, audio)
         t3 = self._sync(core)
         counts = [len(p.chunk.frames) for p in plans]
         real = torch.cat([latents[b, :, :n].transpose(0, 1) for b, n in enumerate(counts)])
