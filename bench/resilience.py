@@ -36,8 +36,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +50,13 @@ from tests.serverutil import server_process, speech_like
 
 CHUNK = 8  # the CPU renderer's frames per chunk
 MAX_BATCH = 4
+FPS = 25.0
+# Admission lets every session in, so that overload shows.
+RELAXED_ADMISSION: dict[str, Any] = {"admission.speaking_share": 0.01,
+                                     "admission.max_utilization": 1.0}
+# Late chunks never move a session (failures would; the load rows have none).
+TIERS_OFF: dict[str, Any] = {"degradation.miss_window": 64, "degradation.miss_ratio": 1.0,
+                             "degradation.queue_wait_s": 1000.0}
 
 
 @dataclass
@@ -68,6 +77,7 @@ class Row:
     jain_rate: float
     shed: float
     server_cpu: float
+    gap_max: float = float("nan")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -77,6 +87,17 @@ def pct(xs: list[float], q: float) -> float:
 def jain(xs: list[float]) -> float:
     a = np.asarray(xs, float)
     return float(a.sum() ** 2 / (len(a) * (a**2).sum())) if len(a) and (a**2).sum() > 0 else 1.0
+
+
+def batch_fps(chunks: int, chunk_frames: int, call_s: float) -> float:
+    """Frames per second of a renderer whose call of `chunks` chunks takes `call_s`."""
+    return chunks * chunk_frames / call_s
+
+
+def speech_load(speech_shares: Sequence[float], capacity_fps: float, fps: float = FPS) -> float:
+    """Speech frames the sessions asked for per second (each session's share of its frames
+    that were speech, times the frame rate) over the renderer's throughput."""
+    return fps * sum(speech_shares) / capacity_fps
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -135,10 +156,22 @@ def turn_slots(rec: SessionRecord, t0: float, t1: float) -> tuple[int, int]:
 
 async def run_row(label: str, url: str, pid: int, sessions: int, duration: float,
                   warmup: float, capacity_fps: float, speed: float) -> Row:
+    row, _, _ = await measure_row(label, url, pid, sessions, duration, warmup, capacity_fps,
+                                  speed)
+    return row
+
+
+async def measure_row(label: str, url: str, pid: int, sessions: int, duration: float,
+                      warmup: float, capacity_fps: float, speed: float, *,
+                      hello: dict[str, Any] | None = None,
+                      on_window: Callable[[float], None] | None = None,
+                      ) -> tuple[Row, list[SessionRecord], tuple[float, float]]:
+    """One row: the Row, the sessions' records and the measured window (monotonic);
+    `on_window(t0)` is called as the window opens."""
     clients: list[SessionClient] = []
     for _ in range(sessions):
         try:
-            clients.append(await SessionClient.open(url))
+            clients.append(await SessionClient.open(url, hello=hello))
         except SessionRefused:
             break
     rng = np.random.default_rng(sessions)
@@ -147,6 +180,8 @@ async def run_row(label: str, url: str, pid: int, sessions: int, duration: float
     tasks = [asyncio.create_task(speaker(c, rng, stop, speed, ttffs)) for c in clients]
     await asyncio.sleep(warmup)
     m0, cpu0, t0 = scrape(url), proc_cpu_seconds(pid), time.monotonic()
+    if on_window is not None:
+        on_window(t0)
     await asyncio.sleep(duration)
     m1, cpu1, t1 = scrape(url), proc_cpu_seconds(pid), time.monotonic()
     for t in tasks:
@@ -155,6 +190,16 @@ async def run_row(label: str, url: str, pid: int, sessions: int, duration: float
     for c in clients:
         with contextlib.suppress(Exception):
             await c.close()
+    records = [c.record for c in clients]
+    row = summarise(label, sessions, records, (t0, t1), (m0, m1), (cpu1 - cpu0) / (t1 - t0),
+                    [d for at, d in ttffs if t0 <= at <= t1], capacity_fps)
+    return row, records, (t0, t1)
+
+
+def summarise(label: str, sessions: int, records: list[SessionRecord],
+              window: tuple[float, float], metrics: tuple[dict[str, float], dict[str, float]],
+              server_cpu: float, ttffs: list[float], capacity_fps: float) -> Row:
+    (t0, t1), (m0, m1) = window, metrics
     done = (total(m1, "avatar_chunks_total", ("cancelled", "static", "shed"))
             - total(m0, "avatar_chunks_total", ("cancelled", "static", "shed")))
     misses = total(m1, "avatar_chunk_deadline_misses_total") - total(
@@ -166,36 +211,40 @@ async def run_row(label: str, url: str, pid: int, sessions: int, duration: float
     rates: list[float] = []
     tier_counts = np.zeros(3)
     all_frames = all_holds = 0
-    speaking = 0.0
-    for c in clients:
-        window = [v for v in c.record.video if t0 <= v.arrival <= t1]
-        gaps.extend(np.diff([v.arrival for v in window]).tolist())
-        for v in window:
+    speech_shares: list[float] = []
+    for rec in records:
+        window_frames = [v for v in rec.video if t0 <= v.arrival <= t1]
+        gaps.extend(np.diff([v.arrival for v in window_frames]).tolist())
+        for v in window_frames:
             tier_counts[v.header.tier - 1] += 1
-        frames, holds = turn_slots(c.record, t0, t1)
+        frames, holds = turn_slots(rec, t0, t1)
         all_frames += frames
         all_holds += holds
         ontime.append(1 - holds / (frames + holds) if frames + holds else 1.0)
         rates.append(frames / (t1 - t0))
-        speaking += sum(1 for v in window if v.header.flags & FrameFlags.SPEECH) / max(
-            len(window), 1)
-    demand_fps = 25.0 * speaking  # frames per second of speech the sessions asked for
-    ttff_window = [d for at, d in ttffs if t0 <= at <= t1]
+        speech_shares.append(sum(1 for v in window_frames if v.header.flags & FrameFlags.SPEECH)
+                             / max(len(window_frames), 1))
     share = tier_counts / max(tier_counts.sum(), 1)
-    return Row(label, sessions, len(clients), demand_fps / capacity_fps,
+    return Row(label, sessions, len(records), speech_load(speech_shares, capacity_fps),
                misses / done if done else float("nan"),
                all_holds / (all_frames + all_holds) if all_frames + all_holds else 0.0,
-               pct(gaps, 50), pct(gaps, 95), pct(gaps, 99), pct(ttff_window, 50),
-               pct(ttff_window, 95), (float(share[0]), float(share[1]), float(share[2])),
-               jain(ontime), jain(rates), shed, (cpu1 - cpu0) / (t1 - t0))
+               pct(gaps, 50), pct(gaps, 95), pct(gaps, 99), pct(ttffs, 50),
+               pct(ttffs, 95), (float(share[0]), float(share[1]), float(share[2])),
+               jain(ontime), jain(rates), shed, server_cpu, max(gaps, default=float("nan")))
+
+
+def yaml_overrides(overrides: dict[str, Any]) -> str:
+    """{"section.key": value} as YAML (one level of sections)."""
+    sections: dict[str, list[str]] = {}
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        sections.setdefault(section, []).append(f"  {key}: {value}\n")
+    return "".join(f"{section}:\n" + "".join(lines) for section, lines in sections.items())
 
 
 def write_config(path: Path, avatar_dir: Path, size: int, admission: bool, tiers: bool) -> None:
-    relaxed = "" if admission else (
-        "admission:\n  speaking_share: 0.01\n  max_utilization: 1.0\n")
-    if not tiers:  # late chunks never move a session (failures would; there are none)
-        relaxed += ("degradation:\n  miss_window: 64\n  miss_ratio: 1.0\n"
-                    "  queue_wait_s: 1000.0\n")
+    relaxed = yaml_overrides({**({} if admission else RELAXED_ADMISSION),
+                              **({} if tiers else TIERS_OFF)})
     path.write_text(
         f"avatars:\n  cache_dir: {avatar_dir}\n  default_avatar:\n    size: {size}\n"
         "    clip_seconds: [4.0, 8.0]\n"
@@ -221,7 +270,7 @@ def main() -> None:
     call_ms, chunk_ms = (float(x) for x in args.gpu_ms.split(","))
     chaos = f"delay_ms={call_ms:g},chunk_ms={chunk_ms:g}"
     # The stand-in GPU's throughput at full batches, in frames per second.
-    capacity_fps = MAX_BATCH * CHUNK / ((call_ms + MAX_BATCH * chunk_ms) / 1000)
+    capacity_fps = batch_fps(MAX_BATCH, CHUNK, (call_ms + MAX_BATCH * chunk_ms) / 1000)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "bench.yaml"
