@@ -62,6 +62,7 @@ from bench.gpu_serve import (
     build_models,
     describe_settings,
     log,
+    runner_settings,
     server_config,
     wait_ready,
 )
@@ -151,7 +152,7 @@ async def watch_breaker(server: AgentServer, origin: float, seen: list[tuple[flo
 async def run_row(args: argparse.Namespace, plan: RowPlan, renderer: SharedRenderer,
                   cache: Path, capacity_fps: float) -> RowRun:
     started = time.monotonic()
-    settings = {**SAMPLERS[plan.config], "cuda_graphs": not args.no_graphs}
+    settings = {**SAMPLERS[plan.config], **runner_settings(args)}
     overrides = dict(plan.overrides)
     if plan.fault is not None:
         overrides["engine.chaos"] = "seed=0"  # harmless until the fault is set
@@ -340,6 +341,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--capacity-calls", type=int,
                    help="timed full-batch calls after two untimed ones (3; tiny 1)")
     p.add_argument("--no-graphs", action="store_true", help="eager UNet (CUDA graphs off)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet under the graphs (renderer.latentsync.compile)")
+    p.add_argument("--turn-start-deepcache", type=int, default=1,
+                   help="renderer.latentsync.turn_start_deepcache_interval (1: off)")
     args = p.parse_args(argv)
     for name, (full, tiny) in DEFAULTS.items():
         if getattr(args, name) is None:
@@ -402,7 +407,7 @@ async def main_async(args: argparse.Namespace) -> None:
         avatars = AvatarRegistry(server_config(args, cache, {}).avatars)
         avatar = avatars.warmup()  # cached before timing
         for name in dict.fromkeys(p.config for p in plans):
-            settings = {**SAMPLERS[name], "cuda_graphs": not args.no_graphs}
+            settings = {**SAMPLERS[name], **runner_settings(args)}
             todo = [p for p in plans if p.config == name]
             if time.monotonic() + args.warmup + todo[0].duration + overhead > deadline:
                 meta["notes"].append(f"{name}: not run, time budget spent")

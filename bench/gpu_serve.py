@@ -69,6 +69,12 @@ SAMPLERS: dict[str, dict[str, Any]] = {
 }
 
 
+def runner_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The UNet runner's config fields from the command line (same for every sampler)."""
+    return {"cuda_graphs": not args.no_graphs, "compile": args.compile,
+            "turn_start_deepcache_interval": args.turn_start_deepcache}
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -214,7 +220,7 @@ async def drive(url: str, args: argparse.Namespace, users: int, speaking: int) -
 
 async def run_config(args: argparse.Namespace, name: str, models_per_gpu: list[LatentSyncModels],
                      cache: Path, deadline: float) -> ConfigRun:
-    settings = {**SAMPLERS[name], "cuda_graphs": not args.no_graphs}
+    settings = {**SAMPLERS[name], **runner_settings(args)}
     run = ConfigRun(name, settings)
     config = server_config(args, cache, settings)
     cuda = models_per_gpu[0].device.type == "cuda"
@@ -361,6 +367,9 @@ def markdown(runs: list[ConfigRun], meta: dict[str, Any]) -> str:
 def describe_settings(s: dict[str, Any]) -> str:
     cache = f" + DeepCache {s['deepcache_interval']}" if s["deepcache_interval"] > 1 else ""
     graphs = ", CUDA graphs" if s["cuda_graphs"] else ""
+    graphs += " + torch.compile" if s.get("compile") else ""
+    start = s.get("turn_start_deepcache_interval", 1)
+    graphs += f", turn starts DeepCache {start}" if start > 1 else ""
     return f"{s['sampler']} {s['inference_steps']} steps{cache}{graphs}"
 
 
@@ -383,6 +392,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--render-timeout", type=float, default=5.0)
     p.add_argument("--no-graphs", action="store_true", help="eager UNet (CUDA graphs off)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet under the graphs (renderer.latentsync.compile)")
+    p.add_argument("--turn-start-deepcache", type=int, default=1,
+                   help="renderer.latentsync.turn_start_deepcache_interval (1: off)")
     p.add_argument("--gpus", type=int, default=1, help="renderers (engine lanes), one per GPU")
     args = p.parse_args(argv)
     args.users = {"exact": [int(x) for x in args.users_exact.split(",")],
