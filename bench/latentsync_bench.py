@@ -492,9 +492,11 @@ class Bench:
             log(self.notes[-1])
 
     def compiled_predictor(self, interval: int) -> NoisePredictor:
+        dynamic = None if self.args.compile_dynamic else False
         if self.cuda:
-            return CompiledPredictor(self.unet, interval, mode=self.args.compile_mode)
-        return UNetPredictor(torch.compile(self.unet, dynamic=False), interval)  # type: ignore[arg-type]
+            return CompiledPredictor(self.unet, interval, mode=self.args.compile_mode,
+                                     dynamic=dynamic)
+        return UNetPredictor(torch.compile(self.unet, dynamic=dynamic), interval)  # type: ignore[arg-type]
 
     def compile_section(self, px: int, batches: list[int]) -> None:
         """torch.compile (Inductor) under CUDA graphs against plain CUDA graphs, same run:
@@ -502,13 +504,16 @@ class Bench:
         from Inductor's on-disk caches."""
         latent = px // 8
         mode = self.args.compile_mode
+        if self.args.compile_dynamic:  # one predictor: later batch sizes use symbolic shapes
+            mode += ", dynamic batch"
+            shared = self.compiled_predictor(1)
         for b in batches:
             if not self.time_left():
                 self.skipped.append(f"{px}px compile B={b}")
                 continue
             base_s, base_out = self.loop(self.graphs(), b, latent)
             self.add("+ CUDA graphs (this run's baseline)", px, b, 20, base_s)
-            pred = self.compiled_predictor(1)
+            pred = shared if self.args.compile_dynamic else self.compiled_predictor(1)
             t0 = time.perf_counter()
             if isinstance(pred, GraphPredictor):
                 pred.warmup((2 * b, 13, FRAMES, latent, latent), (2 * b * FRAMES, 50, 384))
@@ -546,7 +551,9 @@ class Bench:
             b = min(batches)
             cmd = [sys.executable, __file__, "--config", self.args.config,
                    "--sections", "compilewarm", "--compile-batch", str(b),
-                   "--compile-mode", mode] + (["--tiny"] if self.args.tiny else [])
+                   "--compile-mode", self.args.compile_mode] + (
+                       ["--tiny"] if self.args.tiny else []) + (
+                       ["--compile-dynamic"] if self.args.compile_dynamic else [])
             t0 = time.perf_counter()
             child = subprocess.run(cmd, capture_output=True, text=True, check=False)
             wall = time.perf_counter() - t0
@@ -693,6 +700,9 @@ def main() -> None:
                         help="torch.compile mode for the 'compile' section")
     parser.add_argument("--compile-batches", default="1,8", help="chunks per compiled call")
     parser.add_argument("--compile-batch", type=int, default=1, help="compilewarm's batch")
+    parser.add_argument("--compile-dynamic", action="store_true",
+                        help="automatic dynamic shapes (the server's setting): one predictor"
+                        " for every batch size, two compiles")
     args = parser.parse_args()
     if args.tiny:  # a CPU smoke run: 4-frame chunks, one thread (a busy shared machine)
         global FRAMES

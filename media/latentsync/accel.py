@@ -299,6 +299,9 @@ class CompiledPredictor(GraphPredictor):
     warm-up calls of the first capture of a shape (minutes cold; Inductor's
     on-disk caches under TORCHINDUCTOR_CACHE_DIR make later starts fast).
     DeepCache's refresh and shallow forwards compile to two graphs.
+    `dynamic=None` (torch's automatic dynamic shapes): the first batch size compiles
+    static, the second recompiles with a symbolic batch that serves every later size,
+    so warming up batch sizes 1..N costs two compiles, not N; False: one per size.
     """
 
     def __init__(
@@ -307,10 +310,11 @@ class CompiledPredictor(GraphPredictor):
         cache_interval: int = 1,
         sdpa: Sequence[SDPBackend] | None = None,
         mode: str = "default",
+        dynamic: bool | None = None,
     ) -> None:
         super().__init__(unet, cache_interval, sdpa)
         self.mode = mode
-        self._compiled = torch.compile(unet, mode=mode, dynamic=False)
+        self._compiled = torch.compile(unet, mode=mode, dynamic=dynamic)
 
     def _forward(
         self,
