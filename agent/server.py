@@ -119,6 +119,7 @@ class AgentServer:
         self.fallback_renderer: Renderer = fallback or CpuRenderer(self.avatars.get,
                                                                    config.renderer.cpu)
         caps = self.renderer.capabilities
+        self._primaries = tuple(dict.fromkeys(primaries))  # each renderer once
         if caps.device == "cpu" and len(primaries) == 1:
             # A CPU renderer is stateless: one lane per worker thread, same instance.
             primaries = primaries * config.renderer.cpu.workers
@@ -219,7 +220,8 @@ class AgentServer:
         started = time.perf_counter()
         try:
             avatar = await asyncio.to_thread(self.avatars.warmup)
-            await asyncio.to_thread(self.renderer.warmup)
+            for renderer in self._primaries:  # one after the other: one GPU each
+                await asyncio.to_thread(renderer.warmup)
             if self.fallback_renderer is not self._calibrate_on:
                 await asyncio.to_thread(self.fallback_renderer.warmup)
             await asyncio.to_thread(self._calibrate, avatar)
@@ -302,7 +304,8 @@ class AgentServer:
             self._warm_task.cancel()
         await self.engine.close()
         self.encode_pool.shutdown(wait=False, cancel_futures=True)
-        self.renderer.close()
+        for renderer in self._primaries:
+            renderer.close()
         await self.store.close()
         self.stopped.set()
 
