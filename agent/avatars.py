@@ -29,6 +29,11 @@ class AvatarRegistry:
             self._loaded[avatar.id] = avatar
         return avatar
 
+    def loaded(self) -> list[str]:
+        """The avatars in memory (loaded by `warmup` or a `get`), sorted."""
+        with self._lock:
+            return sorted(self._loaded)
+
     def ids(self) -> list[str]:
         found = set(list_avatars(self.root)) if self.root.is_dir() else set()
         return sorted(found | set(self._loaded))

@@ -31,7 +31,14 @@ from enum import StrEnum
 import numpy as np
 
 from agent.errors import GpuOutOfMemory, RenderError
-from media.types import RenderChunk, Renderer, RendererCapabilities, RenderResult
+from media.types import (
+    AvatarPrep,
+    PreparesAvatars,
+    RenderChunk,
+    Renderer,
+    RendererCapabilities,
+    RenderResult,
+)
 
 
 class Fault(StrEnum):
@@ -145,6 +152,12 @@ class ChaosRenderer:
 
     def warmup(self) -> None:
         self.inner.warmup()
+
+    def prepare_avatar(self, avatar: str, max_frames: int | None = None) -> AvatarPrep:
+        """The inner renderer's, without faults: chaos is for renders."""
+        if isinstance(self.inner, PreparesAvatars):
+            return self.inner.prepare_avatar(avatar, max_frames)
+        return AvatarPrep(avatar, 0, 0, 0.0)
 
     def render(self, batch: Sequence[RenderChunk]) -> list[RenderResult]:
         with self._lock:

@@ -15,6 +15,11 @@ out (no new threads: the leak is bounded) until one of them returns. Every
 chunk's future resolves to a `Rendered` with frames to show: the renderer's,
 or, for a chunk that failed, was shed, failed validation or could not be
 rendered at all, its source pictures with the mouth closed (the stand-in).
+
+`prepare_avatar` has every primary renderer that keeps per-avatar state
+(`PreparesAvatars`) compute it ahead of the avatar's first chunk, on the
+lane's own thread in slices, so that a render queued meanwhile waits for one
+slice at most.
 """
 
 from __future__ import annotations
@@ -39,7 +44,15 @@ from agent.fallback import FallbackRouter, Route
 from agent.latency import LatencyModel
 from agent.scheduler import ChunkScheduler, Lane, Priority, RenderPlan, WorkItem
 from agent.validation import OK, Verdict
-from media.types import ChunkKey, Frames, RenderChunk, Renderer, RenderResult
+from media.types import (
+    AvatarPrep,
+    ChunkKey,
+    Frames,
+    PreparesAvatars,
+    RenderChunk,
+    Renderer,
+    RenderResult,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +60,7 @@ StandIn = Callable[[RenderChunk], Frames]
 WAIT_WINDOW_S = 10.0  # queue wait percentiles cover this much recent time
 WAIT_MIN_SAMPLES = 20
 LATE_SLACK = 1.5  # see Engine._late
+PREPARE_SLICE_FRAMES = 32  # source frames per prepare job (one VAE batch of LatentSync's)
 Validator = Callable[[RenderChunk, RenderResult], Verdict]
 
 
@@ -256,6 +270,50 @@ class Engine:
         gone = self.scheduler.cancel(session)
         if gone:
             self._spawn(self._fail(gone, "ok", Route.STATIC, self.clock(), "static tier"))
+
+    async def prepare_avatar(self, avatar: str) -> list[AvatarPrep]:
+        """Prepare `avatar` on every primary renderer that can (each renderer once, its
+        lanes in parallel); what each did. A lane that fails or does not answer within
+        `render_timeout_s` is left as it is: its renders then compute what is missing."""
+        renderers: dict[int, _Lane] = {}
+        for lane in self.primary:
+            if isinstance(lane.renderer, PreparesAvatars):
+                renderers.setdefault(id(lane.renderer), lane)
+        done = await asyncio.gather(*(self._prepare_on(lane, avatar)
+                                      for lane in renderers.values()))
+        return [prep for prep in done if prep is not None]
+
+    async def _prepare_on(self, lane: _Lane, avatar: str) -> AvatarPrep | None:
+        renderer = lane.renderer
+        assert isinstance(renderer, PreparesAvatars)
+        frames, seconds = 0, 0.0
+        started = self.clock()
+        while not lane.dead:
+            job = lane.worker.submit(
+                lambda: renderer.prepare_avatar(avatar, PREPARE_SLICE_FRAMES))
+            try:
+                prep: AvatarPrep = await asyncio.wait_for(asyncio.wrap_future(job),
+                                                          self.render_timeout_s)
+            except TimeoutError:
+                log.warning("avatar_prepare_failed", avatar=avatar, lane=lane.name,
+                            error=f"not back within {self.render_timeout_s:g} s")
+                return None
+            except RenderError as exc:
+                log.warning("avatar_prepare_failed", avatar=avatar, lane=lane.name,
+                            error=str(exc))
+                return None
+            except Exception:
+                log.exception("avatar_prepare_failed", avatar=avatar, lane=lane.name)
+                return None
+            frames += prep.frames
+            seconds += prep.seconds
+            if prep.remaining == 0:
+                log.info("avatar_prepared", avatar=avatar, lane=lane.name, frames=frames,
+                         seconds=round(seconds, 3),
+                         wall_s=round(self.clock() - started, 3))
+                return AvatarPrep(avatar, frames, 0, seconds)
+        log.warning("avatar_prepare_failed", avatar=avatar, lane=lane.name, error="lane is out")
+        return None
 
     @property
     def queue_depth(self) -> dict[Priority, int]:

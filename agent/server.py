@@ -4,8 +4,10 @@
 engine (primary lanes, CPU fallback, breakers), pre-encoded idle and static
 video, admission control, the session store and metrics. It starts listening
 at once (`/healthz` 200) and warms up in the background (`/readyz` 503 until
-the default avatar is loaded and the renderers warmed and timed). SIGTERM
-drains; `InstanceWatch` keeps the instance tier and the leak guard.
+the default avatar is loaded, every renderer warmed, the loaded avatars
+prepared on every primary renderer and the renderers timed). An avatar first
+named by a session is prepared while that session opens, before its `ready`.
+SIGTERM drains; `InstanceWatch` keeps the instance tier and the leak guard.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from media.encode import EncodedFrame, encode_loop, fit_size
 from media.idle_video import compose, idle_frames
 from media.types import (
     RENDER_SAMPLE_RATE,
+    AvatarPrep,
     ChunkKey,
     Frame,
     FrameSpec,
@@ -119,6 +122,7 @@ class AgentServer:
         self.fallback_renderer: Renderer = fallback or CpuRenderer(self.avatars.get,
                                                                    config.renderer.cpu)
         caps = self.renderer.capabilities
+        self._primaries = tuple(dict.fromkeys(primaries))  # each renderer once
         if caps.device == "cpu" and len(primaries) == 1:
             # A CPU renderer is stateless: one lane per worker thread, same instance.
             primaries = primaries * config.renderer.cpu.workers
@@ -147,6 +151,7 @@ class AgentServer:
         self.sessions: dict[str, SessionConnection] = {}
         self._pending: set[SessionConnection] = set()
         self._videos: dict[VideoKey, asyncio.Future[tuple[EncodedFrame, ...]]] = {}
+        self._prepared: dict[str, asyncio.Task[list[AvatarPrep]]] = {}
         self._neutral: dict[str, Frame] = {}
         self._background: set[asyncio.Task[object]] = set()
         self.sessions_changed = asyncio.Event()  # a session opened, closed or went idle
@@ -219,7 +224,9 @@ class AgentServer:
         started = time.perf_counter()
         try:
             avatar = await asyncio.to_thread(self.avatars.warmup)
-            await asyncio.to_thread(self.renderer.warmup)
+            for renderer in self._primaries:  # one after the other: one GPU each
+                await asyncio.to_thread(renderer.warmup)
+            await asyncio.gather(*(self.prepare_avatar(a) for a in self.avatars.loaded()))
             if self.fallback_renderer is not self._calibrate_on:
                 await asyncio.to_thread(self.fallback_renderer.warmup)
             await asyncio.to_thread(self._calibrate, avatar)
@@ -239,6 +246,18 @@ class AgentServer:
     async def wait_ready(self) -> None:
         assert self._warm_task is not None
         await asyncio.shield(self._warm_task)
+
+    def prepare_avatar(self, avatar_id: str) -> asyncio.Future[list[AvatarPrep]]:
+        """The avatar's per-avatar renderer work (`Engine.prepare_avatar`), started on its
+        first call and shared by every later one; a caller that gives up does not stop it."""
+        task = self._prepared.get(avatar_id)
+        if task is None:
+            task = asyncio.create_task(self.engine.prepare_avatar(avatar_id),
+                                       name=f"prepare-{avatar_id}")
+            self._prepared[avatar_id] = task
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return asyncio.shield(task)
 
     def _calibrate(self, avatar: Avatar) -> None:
         """Seed the latency models with one timed chunk per renderer (admission and batch
@@ -302,7 +321,8 @@ class AgentServer:
             self._warm_task.cancel()
         await self.engine.close()
         self.encode_pool.shutdown(wait=False, cancel_futures=True)
-        self.renderer.close()
+        for renderer in self._primaries:
+            renderer.close()
         await self.store.close()
         self.stopped.set()
 

@@ -13,7 +13,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from media.types import RenderChunk, Renderer, RendererCapabilities, RenderResult
+from media.types import (
+    AvatarPrep,
+    PreparesAvatars,
+    RenderChunk,
+    Renderer,
+    RendererCapabilities,
+    RenderResult,
+)
 
 
 class ProfilingRenderer:
@@ -32,6 +39,12 @@ class ProfilingRenderer:
 
     def warmup(self) -> None:
         self.inner.warmup()
+
+    def prepare_avatar(self, avatar: str, max_frames: int | None = None) -> AvatarPrep:
+        """The inner renderer's, unprofiled (only renders are traced)."""
+        if isinstance(self.inner, PreparesAvatars):
+            return self.inner.prepare_avatar(avatar, max_frames)
+        return AvatarPrep(avatar, 0, 0, 0.0)
 
     def close(self) -> None:
         self.inner.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -130,6 +130,30 @@ class Renderer(Protocol):
     def render(self, batch: Sequence[RenderChunk]) -> list[RenderResult]: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AvatarPrep:
+    """What one `prepare_avatar` call did for one avatar."""
+
+    avatar: str
+    frames: int  # source frames this call prepared
+    remaining: int  # source frames still to prepare; 0 once the avatar is ready
+    seconds: float
+
+
+@runtime_checkable
+class PreparesAvatars(Protocol):
+    """An optional renderer member: per-avatar work done ahead of the avatar's first chunk.
+
+    `prepare_avatar` prepares at most `max_frames` source frames of the avatar
+    (all when None) and says how many are left; the caller repeats it until
+    none are, so renders can run between the calls. Idempotent; synchronous,
+    run in the renderer's worker thread like `render`; raises
+    `agent.errors.RenderError`. Renderers without per-avatar state omit it.
+    """
+
+    def prepare_avatar(self, avatar: str, max_frames: int | None = None) -> AvatarPrep: ...
 
 
 def samples_per_frame(fps: int, rate: int = RENDER_SAMPLE_RATE) -> int:

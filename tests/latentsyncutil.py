@@ -23,6 +23,7 @@ from media.avatar import Avatar
 from media.latentsync.audio_features import AudioFeatureExtractor
 from media.latentsync.checkpoint import load_unet
 from media.latentsync.config import UNetConfig
+from media.latentsync.face import track_clip
 from media.latentsync.pipeline import LatentSyncModels, NoisePredictor
 from media.latentsync.renderer import LatentSyncRenderer
 from media.latentsync.vae import LatentCodec
@@ -68,6 +69,29 @@ def tiny_models() -> LatentSyncModels:
     unet = load_unet(tiny_unet_config(), fixtures / "tiny_unet_weights.safetensors")
     audio = AudioFeatureExtractor(load_whisper_encoder(fixtures / "tiny_whisper_tiny_encoder.pt"))
     return LatentSyncModels(unet, LatentCodec(tiny_vae()), audio)
+
+
+class CountingCodec(LatentCodec):
+    """The real codec, counting the pictures it encodes."""
+
+    def __init__(self, codec: LatentCodec) -> None:
+        super().__init__(codec.vae)
+        self.encoded = 0
+
+    def encode(self, pictures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        self.encoded += pictures.shape[0]
+        return super().encode(pictures, noise)
+
+
+def counting_models() -> LatentSyncModels:
+    """The tiny models (shared UNet and audio encoder) with a fresh `CountingCodec`."""
+    base = tiny_models()
+    return LatentSyncModels(base.unet, CountingCodec(base.codec), base.audio)
+
+
+def with_face(avatar: Avatar) -> int:
+    """Source frames with a face at CROP: the ones the VAE encodes (twice: masked and whole)."""
+    return sum(int(track_clip(avatar, c, CROP).has_face.sum()) for c in range(len(avatar.clips)))
 
 
 def tiny_renderer(

@@ -4,6 +4,8 @@ fallback, shadow probes, validation, shedding. Real threads and asyncio, tiny av
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,14 +15,15 @@ import pytest
 from agent.breaker import BreakerState
 from agent.chaos import ChaosRenderer, ChaosSpec
 from agent.config import BreakerConfig, CpuRendererConfig, DefaultAvatarConfig, ValidationConfig
-from agent.engine import Engine, Rendered
+from agent.engine import PREPARE_SLICE_FRAMES, Engine, Rendered
+from agent.errors import RenderError
 from agent.fallback import Route
 from agent.framechecks import FrameChecks
 from agent.scheduler import ChunkScheduler, Lane, Priority
 from media.avatar import Avatar
 from media.cpu_renderer import CpuRenderer
 from media.default_avatar import ensure_default_avatar
-from media.types import ChunkKey, FrameSpec, RenderChunk, Renderer
+from media.types import AvatarPrep, ChunkKey, FrameSpec, RenderChunk, Renderer
 from tests.conftest import timeout
 
 pytestmark = pytest.mark.unit
@@ -40,11 +43,12 @@ def chunk(avatar: Avatar, session: str, index: int = 0) -> RenderChunk:
     return RenderChunk(ChunkKey(session, "t", index), avatar.id, specs, 0, audio, 25)
 
 
-def make_engine(avatar: Avatar, primary: Renderer, fallback: Renderer, *,
+def make_engine(avatar: Avatar, primary: Renderer | list[Renderer], fallback: Renderer, *,
                 max_queue: int = 64, max_abandoned: int = 4) -> Engine:
     lookup = {avatar.id: avatar}.__getitem__
     checks = FrameChecks(lookup, ValidationConfig())
-    return Engine([primary], fallback, ChunkScheduler(max_batch=2, max_queue=max_queue),
+    primaries = primary if isinstance(primary, list) else [primary]
+    return Engine(primaries, fallback, ChunkScheduler(max_batch=2, max_queue=max_queue),
                   breaker=BREAKER, fallback_workers=1, render_timeout_s=0.3,
                   max_abandoned=max_abandoned, stand_in=checks.stand_in,
                   validate=checks.validate)
@@ -191,5 +195,69 @@ async def test_reroute_moves_queued_work_and_static_serves_it_at_once(
         a = await asyncio.wait_for(moved, timeout(2))
         assert a.served_by is Route.FALLBACK
         await asyncio.wait_for(asyncio.gather(*busy), timeout(5))
+    finally:
+        await engine.close()
+
+
+class PreparingCpu(CpuRenderer):
+    """The CPU renderer with `frames` of per-avatar work to prepare, `slice_s` a slice;
+    records the thread and the size of each slice asked for."""
+
+    def __init__(self, avatar: Avatar, frames: int, slice_s: float = 0.0) -> None:
+        super().__init__({avatar.id: avatar}.__getitem__, CpuRendererConfig())
+        self.avatar_id, self.frames, self.slice_s = avatar.id, frames, slice_s
+        self.done = 0
+        self.calls: list[tuple[str, int | None]] = []
+
+    def prepare_avatar(self, avatar: str, max_frames: int | None = None) -> AvatarPrep:
+        self.calls.append((threading.current_thread().name, max_frames))
+        if avatar != self.avatar_id:
+            raise RenderError(f"unknown avatar {avatar!r}", retryable=False)
+        time.sleep(self.slice_s)
+        left = self.frames - self.done
+        n = left if max_frames is None else min(left, max_frames)
+        self.done += n
+        return AvatarPrep(avatar, n, left - n, 0.001)
+
+
+async def test_prepare_runs_in_slices_once_per_renderer_on_its_lane(avatar: Avatar) -> None:
+    one, two = PreparingCpu(avatar, 70), PreparingCpu(avatar, 70)
+    # Lanes 0 and 1 share one renderer; lane 2's is wrapped in chaos, which spares prepares.
+    engine = make_engine(avatar, [one, one, ChaosRenderer(two, ChaosSpec(hang=1.0))],
+                         cpu(avatar))
+    engine.start()
+    try:
+        done = await asyncio.wait_for(engine.prepare_avatar(avatar.id), timeout(5))
+        assert [(p.avatar, p.frames, p.remaining) for p in done] == [(avatar.id, 70, 0)] * 2
+        assert [p.seconds for p in done] == pytest.approx([0.003, 0.003])
+        assert one.calls == [("render-primary-0", PREPARE_SLICE_FRAMES)] * 3
+        assert two.calls == [("render-primary-2", PREPARE_SLICE_FRAMES)] * 3
+        again = await asyncio.wait_for(engine.prepare_avatar(avatar.id), timeout(5))
+        assert [(p.frames, p.remaining) for p in again] == [(0, 0)] * 2
+        # A renderer's error is logged, not raised: its renders will do the work.
+        assert await asyncio.wait_for(engine.prepare_avatar("nobody"), timeout(5)) == []
+    finally:
+        await engine.close()
+    # A renderer with nothing to prepare is left alone.
+    plain = make_engine(avatar, cpu(avatar), cpu(avatar))
+    plain.start()
+    try:
+        assert await plain.prepare_avatar(avatar.id) == []
+    finally:
+        await plain.close()
+
+
+async def test_a_render_waits_for_one_prepare_slice_at_most(avatar: Avatar) -> None:
+    slow = PreparingCpu(avatar, 20 * PREPARE_SLICE_FRAMES, slice_s=0.05)
+    engine = make_engine(avatar, slow, cpu(avatar))
+    engine.start()
+    try:
+        preparing = asyncio.create_task(engine.prepare_avatar(avatar.id))
+        await asyncio.sleep(0.07)  # in the second slice
+        got = await render(engine, chunk(avatar, "a"))
+        assert (got.outcome, got.served_by) == ("ok", Route.PRIMARY)
+        assert not preparing.done() and slow.done < slow.frames
+        done = await asyncio.wait_for(preparing, timeout(5))
+        assert [(p.frames, p.remaining) for p in done] == [(slow.frames, 0)]
     finally:
         await engine.close()

@@ -33,17 +33,20 @@ from media.latentsync.face import (
 )
 from media.latentsync.pipeline import EagerNoisePredictor, LatentSyncModels
 from media.latentsync.renderer import LatentSyncRenderer, load_models
-from media.latentsync.vae import LatentCodec, load_vae
+from media.latentsync.vae import load_vae
 from media.latentsync.whisper import WhisperCheckpointError
 from media.types import ChunkKey, FrameSpec, RenderChunk, RenderResult, SourceRef
 from tests.latentsyncutil import (
     CROP,
     STEPS,
+    CountingCodec,
+    counting_models,
     fixtures_dir,
     tiny_models,
     tiny_renderer,
     tiny_unet_config,
     tiny_vae,
+    with_face,
 )
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("torch_one_thread")]
@@ -184,18 +187,6 @@ def test_paste_matches_a_per_frame_opencv_paste(avatar: Avatar) -> None:
     np.testing.assert_array_equal(again, frames)
 
 
-class CountingCodec(LatentCodec):
-    """The real codec, counting the pictures it encodes."""
-
-    def __init__(self, codec: LatentCodec) -> None:
-        super().__init__(codec.vae)
-        self.encoded = 0
-
-    def encode(self, pictures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        self.encoded += pictures.shape[0]
-        return super().encode(pictures, noise)
-
-
 def test_face_latents_are_encoded_once_and_seeded_per_frame(avatar: Avatar) -> None:
     base = tiny_models()
     codec = CountingCodec(base.codec)
@@ -214,6 +205,47 @@ def test_face_latents_are_encoded_once_and_seeded_per_frame(avatar: Avatar) -> N
     torch.testing.assert_close(other.reference[1], first.reference[0], rtol=0, atol=0)
     torch.testing.assert_close(other.masked[0], first.masked[3], rtol=0, atol=0)
     assert not torch.equal(first.masked[0], first.reference[0])  # the mouth is masked out
+
+
+def every_frame(avatar: Avatar) -> list[SourceRef]:
+    return [SourceRef(c, f) for c, clip in enumerate(avatar.clips) for f in range(clip.num_frames)]
+
+
+def test_prepare_encodes_every_frame_once_as_the_lazy_path_would(avatar: Avatar) -> None:
+    codec = CountingCodec(tiny_models().codec)
+    masks = crop_masks(CROP, codec.downsample, codec.device)
+    everything = every_frame(avatar)
+    total, faced = len(everything), with_face(avatar)
+    prepared, sliced, lazy = (AvatarFaces(avatar, CROP, codec, masks, seed=3) for _ in range(3))
+    with torch.inference_mode():
+        report = prepared.prepare()
+        assert (report.avatar, report.frames, report.remaining) == (avatar.id, total, 0)
+        assert report.seconds > 0 and codec.encoded == 2 * faced
+        again = prepared.prepare()  # idempotent
+        assert (again.frames, again.remaining, codec.encoded) == (0, 0, 2 * faced)
+        # Slices resume where the last stopped and skip frames a render met first.
+        sliced.inputs(everything[40:50])
+        steps = [sliced.prepare(max_frames=7)]
+        while steps[-1].remaining:
+            steps.append(sliced.prepare(max_frames=7))
+        assert [s.frames for s in steps] == [7] * (len(steps) - 1) + [steps[-1].frames]
+        assert sum(s.frames for s in steps) == total - 10
+        assert [s.remaining for s in steps] == [total - 10 - 7 * (i + 1) for i in
+                                                range(len(steps) - 1)] + [0]
+        assert codec.encoded == 4 * faced
+        # The latents are the ones renders meeting the frames in another order encode.
+        backwards = everything[::-1]
+        for start in range(0, total, 16):
+            refs = backwards[start : start + 16]
+            want = lazy.inputs(refs)
+            for faces in (prepared, sliced):
+                got = faces.inputs(refs)
+                assert torch.equal(got.masked, want.masked)
+                assert torch.equal(got.reference, want.reference)
+                np.testing.assert_array_equal(got.crop_affines, want.crop_affines)
+                np.testing.assert_array_equal(got.has_face, want.has_face)
+    assert codec.encoded == 6 * faced  # only the lazy cache encoded anything
+    assert prepared.encoded_frames == sliced.encoded_frames == lazy.encoded_frames == total
 
 
 # --- loading --------------------------------------------------------------------------
@@ -411,6 +443,36 @@ def test_invalid_chunks_are_render_errors(renderer: LatentSyncRenderer, avatar: 
         assert not info.value.retryable
     with pytest.raises(RenderError, match="max_batch"):
         renderer.render([chunk(avatar, specs(4), audio)] * 5)
+
+
+def test_a_prepared_avatar_renders_the_same_without_encoding(
+    renderer: LatentSyncRenderer, avatar: Avatar
+) -> None:
+    models = counting_models()
+    codec = models.codec
+    assert isinstance(codec, CountingCodec)
+    made = tiny_renderer(lookup(avatar).__getitem__, models=models)
+    total, faced = len(every_frame(avatar)), with_face(avatar)
+    try:
+        first = made.prepare_avatar(avatar.id, max_frames=100)
+        assert (first.avatar, first.frames, first.remaining) == (avatar.id, 100, total - 100)
+        rest = made.prepare_avatar(avatar.id)
+        assert (rest.frames, rest.remaining) == (total - 100, 0)
+        assert codec.encoded == 2 * faced
+        assert made.prepare_avatar(avatar.id).frames == 0
+        a, b = SourceRef(1, 3), SourceRef(2, 40)
+        frames = [FrameSpec(a, b, w, speech=True) for w in np.linspace(0, 1, 6)]
+        c = chunk(avatar, [*specs(10, start=20), *frames], voice(1.0))
+        got = made.render([c])[0]
+        assert codec.encoded == 2 * faced  # the chunk's faces were all resident
+        # The same pictures as a renderer that encodes the faces as chunks meet them.
+        np.testing.assert_array_equal(got.frames, renderer.render([c])[0].frames)
+        with pytest.raises(RenderError, match="unknown avatar"):
+            made.prepare_avatar("nobody")
+    finally:
+        made.close()
+    with pytest.raises(RenderError, match="closed"):
+        made.prepare_avatar(avatar.id)
 
 
 def test_warmup_and_close(avatar: Avatar) -> None:

@@ -12,14 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from agent.avatars import AvatarRegistry
 from agent.client import SessionClient
+from agent.config import DefaultAvatarConfig
 from agent.protocol import FrameFlags
 from agent.server import AgentServer
+from media.avatar_cache import write_procedural_avatar
 from media.decode import VideoDecoder
+from media.default_avatar import build_default_avatar
 from tests.conftest import REPO, timeout
-from tests.latentsyncutil import tiny_renderer
+from tests.latentsyncutil import CountingCodec, counting_models, tiny_renderer, with_face
 from tests.serverutil import running_server, small_config, speech_like
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("torch_one_thread")]
@@ -41,21 +45,43 @@ async def test_a_turn_renders_through_every_stage(tmp_path: Path) -> None:
         # A CPU chunk of the tiny model takes seconds on a busy machine.
         **{"engine.render_timeout_s": timeout(60), "renderer.latentsync.max_batch": 2},
     )
+    # An avatar in the cache that no one has named yet.
+    write_procedural_avatar(tmp_path, "second", build_default_avatar(
+        DefaultAvatarConfig(size=128, clip_seconds=(2.0,)), 25))
     avatars = AvatarRegistry(config.avatars)  # the same cache folder as the server's
-    renderer = tiny_renderer(avatars.get, max_batch=2)
-    async with running_server(config, renderer=renderer) as server:
-        client = await SessionClient.open(server.url)
-        audio = speech_like(1.2, 16_000)
-        await client.speak("t1", audio, 16_000)
-        done = await client.wait_message("turn.done", timeout(90), turn="t1")
-        started = client.messages("turn.started")[0]
-        await client.wait_for(
-            lambda r: any(v.header.pts_us > done["pts_us"] + 200_000 for v in r.video),
-            timeout(10))
-        rec = client.record
-        await client.close()
-        counts = await asyncio.to_thread(stage_counts, server)
+    models = counting_models()
+    codec = models.codec
+    assert isinstance(codec, CountingCodec)
+    renderer = tiny_renderer(avatars.get, models=models, max_batch=2)
+    with capture_logs() as logs:
+        async with running_server(config, renderer=renderer) as server:
+            # Ready: every frame of the default avatar is encoded (the warmup's grey crop
+            # is the one more picture), so the calibration chunks encoded nothing.
+            default = with_face(avatars.get(config.avatars.default))
+            assert codec.encoded == 1 + 2 * default
+            # An avatar first named by a session is prepared before that session's ready.
+            other = await SessionClient.open(server.url, hello={"avatar": "second"})
+            second = with_face(avatars.get("second"))
+            assert codec.encoded == 1 + 2 * (default + second)
+            await other.close()
 
+            client = await SessionClient.open(server.url)
+            audio = speech_like(1.2, 16_000)
+            await client.speak("t1", audio, 16_000)
+            done = await client.wait_message("turn.done", timeout(90), turn="t1")
+            started = client.messages("turn.started")[0]
+            await client.wait_for(
+                lambda r: any(v.header.pts_us > done["pts_us"] + 200_000 for v in r.video),
+                timeout(10))
+            rec = client.record
+            await client.close()
+            counts = await asyncio.to_thread(stage_counts, server)
+
+    assert codec.encoded == 1 + 2 * (default + second)  # the turn's faces were all resident
+    prepared = {e["avatar"]: e for e in logs if e["event"] == "avatar_prepared"}
+    assert prepared.keys() == {config.avatars.default, "second"}
+    assert prepared["second"]["frames"] == sum(c.num_frames for c in avatars.get("second").clips)
+    assert prepared["second"]["seconds"] > 0 and prepared["second"]["lane"] == "primary-0"
     assert not done["interrupted"]
     # One frame every 40 ms, in order, through idle, the turn and idle again.
     assert [v.header.seq for v in rec.video] == list(range(len(rec.video)))

@@ -17,8 +17,13 @@ The sampler and the UNet runner come from config (`sampler`, `deepcache_interval
 `cuda_graphs`; the defaults are LatentSync's exact 20-step DDIM): see
 `noise_predictor_for` and `scheduler_for`. With CUDA graphs, `warmup` captures one
 graph per batch size up to `max_batch`, so no capture stalls a live chunk; with
-`compile` also on, it first compiles the UNet for each of those shapes (Inductor;
+`compile` also on, it first compiles the UNet for those shapes (Inductor;
 minutes cold, seconds from `compile_cache_dir`).
+
+Face inputs (tracks and VAE latents of every source frame, `AvatarFaces`) are
+cached per avatar; `prepare_avatar` computes them ahead of the avatar's first
+chunk (the server calls it at start-up and when a session opens), else the
+first chunks that meet a frame encode it.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -64,7 +69,14 @@ from media.latentsync.pipeline import (
 )
 from media.latentsync.vae import SD_VAE_SHAPE, LatentCodec, VaeShape, find_vae, load_vae
 from media.latentsync.whisper import load_whisper_encoder
-from media.types import Frames, FrameSpec, RenderChunk, RendererCapabilities, RenderResult
+from media.types import (
+    AvatarPrep,
+    Frames,
+    FrameSpec,
+    RenderChunk,
+    RendererCapabilities,
+    RenderResult,
+)
 
 UNET_FILE = "latentsync_unet.pt"
 WHISPER_FILE = Path("whisper") / "tiny.pt"
@@ -326,16 +338,20 @@ class LatentSyncRenderer:
         if len(batch) > self._caps.max_batch:
             raise RenderError(f"batch of {len(batch)} chunks exceeds max_batch "
                               f"{self._caps.max_batch}", retryable=False)
-        with self._lock, torch.inference_mode():
-            core = self._core()
+        with self._running(f"rendering {len(batch)} chunks") as core:
+            return self._render(core, batch)
+
+    def prepare_avatar(self, avatar: str, max_frames: int | None = None) -> AvatarPrep:
+        """Compute the avatar's face inputs ahead of its first chunk (`PreparesAvatars`):
+        every clip's track and the latents of at most `max_frames` more source frames
+        (None: all). The cache is the one renders use, so a prepared frame is never
+        encoded again, and its latents are the ones a render would have encoded."""
+        with self._running(f"preparing avatar {avatar!r}") as core:
+            faces = self._faces(core, self._avatar(avatar))
             try:
-                with device_scope(core.models.device):
-                    return self._render(core, batch)
-            except torch.cuda.OutOfMemoryError as exc:
-                if core.models.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                raise GpuOutOfMemory(f"out of GPU memory rendering {len(batch)} chunks: {exc}"
-                                     ) from None
+                return faces.prepare(max_frames)
+            except ValueError as exc:  # malformed avatar extras
+                raise RenderError(str(exc), retryable=False) from None
 
     def close(self) -> None:
         """Drop the face caches and this renderer's references to the models (freeing them
@@ -370,6 +386,33 @@ class LatentSyncRenderer:
             raise RenderError("the LatentSync renderer is closed", retryable=False)
         return self._loaded
 
+    @contextlib.contextmanager
+    def _running(self, what: str) -> Iterator[_Loaded]:
+        """Serialised device work: the lock, inference mode, this renderer's device as the
+        current one; out of memory becomes GpuOutOfMemory."""
+        with self._lock, torch.inference_mode():
+            core = self._core()
+            try:
+                with device_scope(core.models.device):
+                    yield core
+            except torch.cuda.OutOfMemoryError as exc:
+                if core.models.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise GpuOutOfMemory(f"out of GPU memory {what}: {exc}") from None
+
+    def _avatar(self, avatar_id: str) -> Avatar:
+        try:
+            return self._avatars(avatar_id)
+        except (KeyError, NotFound) as exc:  # a mapping's or agent.avatars' "no such avatar"
+            raise RenderError(f"unknown avatar {avatar_id!r}: {exc}", retryable=False) from None
+
+    def _faces(self, core: _Loaded, avatar: Avatar) -> AvatarFaces:
+        faces = core.faces.get(avatar.id)
+        if faces is None or faces.avatar is not avatar:  # first use, or the avatar was reloaded
+            faces = AvatarFaces(avatar, self.resolution, core.models.codec, core.masks, self._seed)
+            core.faces[avatar.id] = faces
+        return faces
+
     def _render(self, core: _Loaded, batch: Sequence[RenderChunk]) -> list[RenderResult]:
         t0 = time.perf_counter()
         plans = [self._plan(core, chunk) for chunk in batch]
@@ -403,10 +446,7 @@ class LatentSyncRenderer:
                 for p, f in zip(plans, outputs, strict=True)]
 
     def _plan(self, core: _Loaded, chunk: RenderChunk) -> _ChunkPlan:
-        try:
-            avatar = self._avatars(chunk.avatar)
-        except (KeyError, NotFound) as exc:  # a mapping's or agent.avatars' "no such avatar"
-            raise RenderError(f"unknown avatar {chunk.avatar!r}: {exc}", retryable=False) from None
+        avatar = self._avatar(chunk.avatar)
         n = len(chunk.frames)
         problem = None
         if chunk.fps != avatar.fps:
@@ -423,10 +463,7 @@ class LatentSyncRenderer:
             audio = chunk_audio(chunk.audio, chunk.first_frame, n, chunk.fps, chunk.end_of_turn)
         except ValueError as exc:
             raise RenderError(f"chunk {chunk.key}: {exc}", retryable=False) from None
-        faces = core.faces.get(avatar.id)
-        if faces is None or faces.avatar is not avatar:  # first use, or the avatar was reloaded
-            faces = AvatarFaces(avatar, self.resolution, core.models.codec, core.masks, self._seed)
-            core.faces[avatar.id] = faces
+        faces = self._faces(core, avatar)
         specs = chunk.frames + (chunk.frames[-1],) * (CHUNK_FRAMES - n)
         speech = np.array([s.speech for s in chunk.frames], bool)
         return _ChunkPlan(chunk, avatar, faces, specs, AudioRequest(audio, speech))
