@@ -71,6 +71,11 @@ from bench.resilience import RELAXED_ADMISSION, TIERS_OFF, batch_fps
 from media.avatar import Avatar
 from media.types import RENDER_SAMPLE_RATE, ChunkKey, FrameSpec, RenderChunk
 
+# gpu_serve's server config relaxes admission; the admission row puts the defaults back.
+ADMISSION_DEFAULTS: dict[str, Any] = {
+    f"admission.{key}": getattr(AgentConfig().admission, key) for key in
+    ("speaking_share", "max_utilization")}
+
 GAP_SLO_S = 0.100
 UNTIMED_CALLS = 2  # before timing full batches: face cache, first-call costs
 
@@ -367,7 +372,8 @@ def plan_rows(args: argparse.Namespace) -> list[RowPlan]:
             plans.append(RowPlan(name, "chaos: hang", args.chaos_sessions, RELAXED_ADMISSION,
                                  args.chaos_duration, (at, length)))
         if args.admission_sessions:
-            plans.append(RowPlan(name, "admission on", args.admission_sessions, {},
+            plans.append(RowPlan(name, "admission on", args.admission_sessions,
+                                 ADMISSION_DEFAULTS,
                                  args.duration))
         if args.tiers_off_sessions:
             plans.append(RowPlan(name, "tiers off", args.tiers_off_sessions,

@@ -43,7 +43,7 @@ def fixtures_dir() -> Path:
 
 
 def tiny_vae() -> AutoencoderKL:
-    with torch.random.fork_rng():  # seeded init without touching the global RNG
+    with torch.random.fork_rng(all_devices()):  # seeded init, the global RNGs untouched
         torch.manual_seed(VAE_SEED)
         vae: AutoencoderKL = AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * 4,
@@ -56,6 +56,11 @@ def tiny_vae() -> AutoencoderKL:
         )
     vae.eval().requires_grad_(False)
     return vae
+
+
+def all_devices() -> list[int]:
+    """Every CUDA device, for fork_rng (which warns when several exist and none are named)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 def tiny_unet_config() -> UNetConfig:

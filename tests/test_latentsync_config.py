@@ -29,7 +29,7 @@ from media.latentsync.unet import UNet3DConditionModel
 from media.latentsync.vae import LatentCodec
 from media.latentsync.whisper import WhisperEncoder
 from media.types import ChunkKey, FrameSpec, RenderChunk, SourceRef
-from tests.latentsyncutil import CROP, tiny_models, tiny_vae
+from tests.latentsyncutil import CROP, all_devices, tiny_models, tiny_vae
 from tests.serverutil import speech_like
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("torch_one_thread")]
@@ -141,7 +141,7 @@ class _CountingGraphs(GraphPredictor):
 def random_tiny_models(device: str) -> LatentSyncModels:
     """The tiny fixture architecture with seeded random weights, and Whisper tiny, float32."""
     config = UNetConfig(block_out_channels=(32, 64, 64, 64))
-    with torch.random.fork_rng(), torch.device(device):
+    with torch.random.fork_rng(all_devices()), torch.device(device):
         torch.manual_seed(0)
         unet = UNet3DConditionModel(config).eval().requires_grad_(False)
         encoder = WhisperEncoder().eval().requires_grad_(False)
