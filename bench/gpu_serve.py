@@ -310,7 +310,8 @@ def summarise(users: int, speaking: int, client: dict[str, Any], calls: list[Ren
 
 def markdown(runs: list[ConfigRun], meta: dict[str, Any]) -> str:
     lines = [
-        f"# Serving LatentSync: users per GPU at {meta['resolution']} px ({meta['card']})", "",
+        f"# Serving LatentSync: users per GPU at {meta['resolution']} px ({meta['card']}"
+        f"{' x ' + str(meta['gpus']) if meta.get('gpus', 1) > 1 else ''})", "",
         f"Machine: {meta['machine']}; {meta['card']}; torch {meta['torch']}; {meta['dtype']}; "
         f"random weights ({meta['models']}); video {meta['codec']} {meta['height']} px, 25 fps; "
         f"max_batch {meta['max_batch']}; render timeout {meta['render_timeout']} s.",
@@ -320,7 +321,8 @@ def markdown(runs: list[ConfigRun], meta: dict[str, Any]) -> str:
         f"time with 0.5-1.5 s pauses, the rest idle; {meta['duration']:g} s measured after "
         f"{meta['settle']:g} s settling per step. Holds: TTFF p95 < {TTFF_SLO_S:g} s and gap "
         f"p95 (speaking users) < {GAP_SLO_S * 1e3:.0f} ms.", "",
-        "| config | warm start s | GPU mem after warm-up GiB | users per GPU | ... and held "
+        f"| config | warm start s | GPU mem after warm-up GiB | users on {meta.get('gpus', 1)}"
+        " GPU(s) | ... and held "
         f"frames < {HELD_LIMIT:.0%} |",
         "|---|---|---|---|---|",
     ]
@@ -334,7 +336,7 @@ def markdown(runs: list[ConfigRun], meta: dict[str, Any]) -> str:
     lines += ["", "| config | users | speaking | turns | TTFF p50 ms | TTFF p95 ms | gap p95 ms "
               "| gap max ms | held frames % | renders | chunks/call | render p50 ms | "
               "render p95 ms | UNet p50 ms | fps rendered | GPU busy % | peak GPU GiB | "
-              "chunks failed | verdict |",
+              "chunks not by the GPU | verdict |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         for s in r.steps:

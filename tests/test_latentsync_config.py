@@ -208,11 +208,13 @@ def test_a_renderer_on_the_second_gpu_warms_up_and_renders_in_a_worker_thread(
     """What a second engine lane does: its thread's current device is cuda:0."""
     import concurrent.futures
 
+    # Built here, one after the other: seeding is global, so building in the threads races.
+    models = [random_tiny_models(f"cuda:{index}") for index in (0, 1)]
     results = {}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         for index in (0, 1):
             def lane(index: int = index) -> list[npt.NDArray[Any]]:
-                made = renderer(avatar, random_tiny_models(f"cuda:{index}"), **FAST, max_batch=2)
+                made = renderer(avatar, models[index], **FAST, max_batch=2)
                 made.warmup()
                 return frames_of(made, [chunk(avatar), chunk(avatar, 7, index=1)])
             results[index] = pool.submit(lane)
