@@ -112,7 +112,10 @@ class EngineStats:
     completed: int
     primary_lanes_alive: int
     primary_frame_cost_s: float | None  # measured seconds per frame; None until measured
-    queue_wait_p95_s: float  # recent chunks; 0 with too few of them
+    # p95 queue wait of recent chunks, counting a chunk that met its deadline as 0 (work
+    # rendered ahead, e.g. of a TTS that streams faster than real time, waits on purpose):
+    # a pile-up signal. 0 with too few chunks.
+    queue_wait_p95_s: float
 
 
 class _Worker:
@@ -538,7 +541,7 @@ class Engine:
         wait = max(started - item.enqueued, 0.0)
         self._late_chunks += late
         if outcome != "cancelled":
-            self._waits.append((self.clock(), wait))
+            self._waits.append((self.clock(), wait if late else 0.0))
         if self._on_outcome is not None:
             self._on_outcome(ChunkOutcome(item.key, outcome, route, wait, render_s, batch,
                                           stages, item.priority, late, check, error_kind))

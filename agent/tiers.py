@@ -192,7 +192,7 @@ class SessionHealth:
 class InstanceSignals:
     primary: tuple[BreakerState, ...]  # one per primary lane
     fallback: BreakerState
-    queue_wait_p95_s: float  # of recent chunks
+    queue_wait_p95_s: float  # of recent chunks, on-time ones as 0 (Engine.stats)
     gpu_memory_share: float | None  # used over total; None without a GPU
 
 

@@ -261,3 +261,30 @@ async def test_a_render_waits_for_one_prepare_slice_at_most(avatar: Avatar) -> N
         assert [(p.frames, p.remaining) for p in done] == [(slow.frames, 0)]
     finally:
         await engine.close()
+
+
+async def test_the_pile_up_signal_counts_only_the_waits_of_late_chunks(
+    parts: tuple[ChaosRenderer, Avatar]
+) -> None:
+    """Work rendered ahead (a TTS streaming faster than real time) waits in the queue on
+    purpose: that must not read as a pile-up, which drops the whole instance a tier."""
+    chaos, avatar = parts
+    chaos.set_spec(ChaosSpec(delay_ms=40))
+    engine = make_engine(avatar, chaos, cpu(avatar))
+    engine.start()
+    try:
+        now = engine.clock()
+        ahead = [engine.submit(chunk(avatar, f"a{i}"), now + 60.0, Priority.SPECULATIVE)
+                 for i in range(24)]
+        done = await asyncio.wait_for(asyncio.gather(*ahead), timeout(30))
+        assert not any(r.late for r in done)
+        assert max(r.queue_wait_s for r in done) > 0.2  # they did wait, on time
+        assert engine.stats().queue_wait_p95_s == 0.0
+        now = engine.clock()
+        due = [engine.submit(chunk(avatar, f"d{i}", 1), now + 0.01, Priority.IN_TURN)
+               for i in range(24)]
+        done = await asyncio.wait_for(asyncio.gather(*due), timeout(30))
+        assert sum(r.late for r in done) > 12
+        assert engine.stats().queue_wait_p95_s > 0.2
+    finally:
+        await engine.close()
