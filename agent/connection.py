@@ -217,9 +217,9 @@ class SessionConnection:
         srv.admit(self)  # raises OverloadedError
         avatar = srv.avatars.get(avatar_id)
         self.fmt = self._negotiate(hello, avatar.fps, avatar.width, avatar.height)
-        # On the render lanes while the session is set up; awaited before `ready`, so the
-        # first turn's chunks find the avatar's faces ready.
-        prepared = srv.prepare_avatar(avatar.id)
+        # On the render lanes; before a resumed session is claimed (a client that leaves
+        # meanwhile can still resume) and before the session's clock starts.
+        await srv.prepare_avatar(avatar.id)
         trace = hello.trace_id or secrets.token_hex(8)
         stored: StoredSession | None = None
         resume_failed: str | None = None
@@ -254,7 +254,6 @@ class SessionConnection:
         else:
             timeline = Timeline(*args, seed=seed)
         self.core = SessionCore(avatar, timeline, params)
-        await prepared  # before the session's clock starts
         loop = asyncio.get_running_loop()
         now = loop.time()
         self.limiter = SessionLimiter(self.cfg.limits, self.fmt.fps, now)
