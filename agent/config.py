@@ -278,6 +278,10 @@ class DegradationConfig(_Config):
     miss_ratio: float = Field(
         0.25, gt=0, le=1, description="Share of late chunks in the window that drops a tier."
     )
+    miss_demotion_interval_s: float = Field(
+        2.0, ge=0, description="Least time between two sessions' deadline-miss drops (or their "
+        "step-ups) from or into one tier, instance-wide; 0 lets them all move at once."
+    )
     late_tolerance_s: float = Field(
         0.1, ge=0, description="A chunk the playout waited on longer than this was late."
     )

@@ -272,7 +272,7 @@ class SessionConnection:
         # together do not all return to the GPU at the same moment.
         stagger = int.from_bytes(self.session_id.encode()[-4:].ljust(4, b"\0"), "little")
         health = SessionHealth(self.cfg.degradation, srv.clock(),
-                               stagger=(stagger % 1000) / 1000)
+                               stagger=(stagger % 1000) / 1000, gate=srv.watch.demotions)
         health.update(srv.clock(), srv.watch.tier, srv.watch.reason)  # start at the instance's
         self.observer = SessionObserver(self.session_id, trace, srv.sampler)
         encode_metric = srv.metrics.stage_duration.labels("encode").observe

@@ -18,13 +18,17 @@ does the same for the instance (breaker states, GPU memory, a queue-wait
 pile-up).
 Frame-time pressure is judged per session (its deadline misses): moving the
 sessions that miss to tier 2 sheds just enough load, where an instance-wide
-drop would leave the GPU idle.
+drop would leave the GPU idle. Equal sessions on an overloaded renderer miss
+together, though, so a `DemotionGate` shared by the instance's sessions lets
+one of them leave a tier for misses per interval (and, later, return to it),
+until the rest keep their deadlines.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.breaker import BreakerState
@@ -66,6 +70,11 @@ class Ladder:
         """The effective tier after the last `update`."""
         return self._tier
 
+    @property
+    def own_tier(self) -> int:
+        """The ladder's own tier, under any floor."""
+        return self._own
+
     def demand(self, tier: int, now: float, reason: str) -> None:
         """Something needs tier >= `tier` now (1 demands nothing)."""
         tier = min(max(tier, 1), 3)
@@ -79,7 +88,10 @@ class Ladder:
         times = [t for k, t in self._last.items() if k >= tier and now - t < self.hold_s]
         return max(times) if times else None
 
-    def update(self, now: float, floor: int = 1, floor_reason: str = "") -> TierChange | None:
+    def update(self, now: float, floor: int = 1, floor_reason: str = "",
+               may_step_up: Callable[[int, float], bool] | None = None) -> TierChange | None:
+        """`may_step_up(tier, now)` is asked only when a step up into `tier` is due; a
+        refusal keeps the tier, and the step is due again on the next update."""
         own = self._own
         demanded = [k for k, t in self._last.items() if k > own and now - t < self.hold_s]
         reason = ""
@@ -93,7 +105,7 @@ class Ladder:
             self._stepped_up_at = None
         elif own > 1 and self._demanded_since(own, now) is None and (
             now - self._changed_at >= self.hold_s
-        ):
+        ) and (may_step_up is None or may_step_up(own - 1, now)):
             own -= 1
             reason = f"stable for {self.hold_s:.1f} s"
             self._stepped_up_at = now
@@ -117,6 +129,40 @@ class Ladder:
         return change
 
 
+class DemotionGate:
+    """Paces the deadline-miss tier moves of the sessions of one instance.
+
+    When a renderer is overloaded, every session it serves misses at once; letting
+    them all drop would leave it idle. The gate lets one session leave a tier for
+    misses per `interval_s`, so sessions leave one by one until the rest keep
+    their deadlines, and one session that left for misses step back up into a
+    tier per `interval_s`, so they do not return together and overload it again.
+    Failures, congestion and floors never ask it.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        if interval_s < 0:
+            raise ValueError(f"interval_s must be >= 0, got {interval_s}")
+        self.interval_s = interval_s
+        self._left: dict[int, float] = {}  # tier -> when a session last left it for misses
+        self._entered: dict[int, float] = {}  # tier -> when one last stepped up into it
+
+    def allow_drop(self, tier: int, now: float) -> bool:
+        """May a session leave `tier` for missing deadlines now? Yes takes the slot."""
+        return self._take(self._left, tier, now)
+
+    def allow_step_up(self, tier: int, now: float) -> bool:
+        """May a session that left for misses step up into `tier` now? Yes takes the slot."""
+        return self._take(self._entered, tier, now)
+
+    def _take(self, last: dict[int, float], tier: int, now: float) -> bool:
+        at = last.get(tier)
+        if at is not None and now - at < self.interval_s:
+            return False
+        last[tier] = now
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class ChunkReport:
     """What happened to one chunk of a session, as the session sees it."""
@@ -133,16 +179,20 @@ _RANK = {"primary": 1, "fallback": 2, "static": 3}
 
 class SessionHealth:
     def __init__(self, config: DegradationConfig, now: float, tier: int = 1,
-                 stagger: float = 0.0) -> None:
+                 stagger: float = 0.0, gate: DemotionGate | None = None) -> None:
         """`stagger` in [0, 1) lengthens the stable period by up to half: sessions that
-        dropped together (an overload) then return one by one, not all at once."""
+        dropped together (an overload) then return one by one, not all at once.
+        `gate` is the instance's, shared by its sessions; None gives the session its own
+        (its misses then pace nobody else)."""
         if not 0.0 <= stagger < 1.0:
             raise ValueError(f"stagger must be in [0, 1), got {stagger}")
         self.config = config
         self.ladder = Ladder(config.stable_s * (1.0 + 0.5 * stagger), now, tier)
+        self.gate = gate if gate is not None else DemotionGate(config.miss_demotion_interval_s)
         self._late: deque[bool] = deque(maxlen=config.miss_window)
         self._late_tier = tier
         self._congestion: deque[float] = deque()
+        self._paced = False  # below tier 1 after a miss drop: step-ups ask the gate
 
     @property
     def tier(self) -> int:
@@ -154,14 +204,18 @@ class SessionHealth:
         tier = self.ladder.tier
         asked = _RANK[report.wanted]
         served = _RANK[report.served_by]
+        dropping = True  # demanded below this tier for a reason the gate does not pace
         if report.outcome in FAILED_OUTCOMES:
             self.ladder.demand(served + 1, now, f"{report.served_by} render {report.outcome}")
         elif served > asked:
             why = "renderer unavailable" if served == 3 else "inference unavailable"
             self.ladder.demand(served, now, why)
+        else:
+            dropping = False
         if report.late and report.queue_wait_s > self.config.queue_wait_s:
             # Badly late (a wait alone is harmless: work rendered ahead waits on purpose).
             self.ladder.demand(asked + 1, now, f"queue wait {report.queue_wait_s:.1f} s")
+            dropping = True
         if self._late_tier != tier:  # judge each tier on its own chunks
             self._late.clear()
             self._late_tier = tier
@@ -169,10 +223,19 @@ class SessionHealth:
             return
         self._late.append(report.late)
         needed = math.ceil(self.config.miss_ratio * self.config.miss_window)
-        if sum(self._late) >= needed:
-            self.ladder.demand(tier + 1, now, f"{sum(self._late)} of {len(self._late)} "
-                               "chunks missed their deadline")
+        # Judged on a late chunk only: a session the gate refused tries again while it
+        # keeps missing, not on the old misses still in its window once it stops.
+        if not report.late or sum(self._late) < needed:
+            return
+        if dropping:  # leaving anyway, for a reason the gate does not pace
             self._late.clear()
+            return
+        if not self.gate.allow_drop(tier, now):
+            return  # another session just left this tier: keep the window, try later
+        self._paced = True
+        self.ladder.demand(tier + 1, now, f"{sum(self._late)} of {len(self._late)} "
+                           "chunks missed their deadline")
+        self._late.clear()
 
     def on_congestion(self, now: float) -> None:
         """The send buffer overflowed (the client reads too slowly)."""
@@ -185,7 +248,13 @@ class SessionHealth:
                                f"in {window:g} s)")
 
     def update(self, now: float, floor: int = 1, floor_reason: str = "") -> TierChange | None:
-        return self.ladder.update(now, floor, floor_reason)
+        # A step up under the floor changes nothing on the renderers: not paced.
+        paced = self._paced and floor < self.ladder.own_tier
+        change = self.ladder.update(now, floor, floor_reason,
+                                    self.gate.allow_step_up if paced else None)
+        if self.ladder.own_tier == 1:
+            self._paced = False
+        return change
 
 
 @dataclass(frozen=True, slots=True)

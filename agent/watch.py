@@ -2,7 +2,8 @@
 
 A thin shell: every `TICK_S` it feeds `InstanceHealth` (breaker states,
 queue wait, GPU memory) and publishes the instance tier that every session
-takes as its floor; every `leak_guard.interval_s` it samples memory for the
+takes as its floor, and holds the `DemotionGate` that paces its sessions'
+deadline-miss tier moves; every `leak_guard.interval_s` it samples memory for the
 `LeakGuard` and, when that trips, asks the server to drain and exit with
 `leak_guard.exit_code` so that its supervisor restarts it.
 """
@@ -19,7 +20,7 @@ from agent.admission import GpuMemory
 from agent.breaker import BreakerState
 from agent.leakguard import LeakGuard, MemorySample
 from agent.resources import memory_limit_bytes, rss_bytes
-from agent.tiers import InstanceHealth, InstanceSignals
+from agent.tiers import DemotionGate, InstanceHealth, InstanceSignals
 from media.gpu_memory import gpu_memory
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class InstanceWatch:
         cfg = server.config
         self.health = InstanceHealth(cfg.degradation, cfg.admission.gpu_memory_limit,
                                      server.clock())
+        self.demotions = DemotionGate(cfg.degradation.miss_demotion_interval_s)
         self.leak_guard = LeakGuard(cfg.leak_guard)
         self.device = server.renderer.capabilities.device
         self.speaking_share: float | None = None

@@ -11,6 +11,7 @@ from agent.config import DegradationConfig
 from agent.tiers import (
     MAX_HOLD_FACTOR,
     ChunkReport,
+    DemotionGate,
     InstanceHealth,
     InstanceSignals,
     Ladder,
@@ -20,8 +21,10 @@ from agent.tiers import (
 pytestmark = pytest.mark.unit
 
 CFG = DegradationConfig(stable_s=10.0, miss_window=8, miss_ratio=0.5, queue_wait_s=1.0,
-                        congestion_events=3, congestion_window_s=5.0)
+                        congestion_events=3, congestion_window_s=5.0,
+                        miss_demotion_interval_s=2.0)
 OK_PRIMARY = ChunkReport("primary", "primary", "ok", False, 0.01)
+LATE_PRIMARY = ChunkReport("primary", "primary", "ok", True, 0.01)
 
 
 def test_drops_at_once_and_steps_up_one_tier_per_stable_period() -> None:
@@ -60,23 +63,24 @@ def test_floor_raises_without_entering_hysteresis() -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.floats(0.0, 4.0), st.integers(1, 3), st.integers(1, 3)),
+@given(st.lists(st.tuples(st.floats(0.0, 4.0), st.integers(1, 3), st.integers(1, 3),
+                          st.booleans()),
                 max_size=60))
-def test_ladder_promises(steps: list[tuple[float, int, int]]) -> None:
-    """Any sequence of demands and floors: tiers stay in 1-3, a change is announced only
-    when the tier moves, a demand is met at once, the tier rises at most one step at a
-    time and never within stable_s of a demand at or above it."""
+def test_ladder_promises(steps: list[tuple[float, int, int, bool]]) -> None:
+    """Any sequence of demands, floors and refused step ups: tiers stay in 1-3, a change
+    is announced only when the tier moves, a demand is met at once, the tier rises at
+    most one step at a time and never within stable_s of a demand at or above it."""
     lad = Ladder(stable_s=3.0, now=0.0)
     now = 0.0
     prev_floor = 1
     last_demand: dict[int, float] = {}
-    for dt, demand, floor in steps:
+    for dt, demand, floor, refuse in steps:
         now += dt
         before = lad.tier
         if demand > 1:
             lad.demand(demand, now, f"d{demand}")
             last_demand[demand] = now
-        change = lad.update(now, floor=floor)
+        change = lad.update(now, floor=floor, may_step_up=lambda t, at, r=refuse: not r)
         assert lad.tier in (1, 2, 3)
         assert lad.tier >= max(floor, demand)
         if change is None:
@@ -177,3 +181,192 @@ def test_instance_tier_follows_breakers_queue_wait_and_gpu_memory() -> None:
     inst2 = InstanceHealth(CFG, gpu_memory_limit=0.8, now=0.0)
     change = inst2.update(0.0, InstanceSignals((closed,), closed, 0.0, 0.85))
     assert change is not None and "GPU memory" in change.reason
+
+
+def test_a_refused_step_up_waits_and_keeps_the_hysteresis() -> None:
+    lad = Ladder(stable_s=10.0, now=0.0)
+    lad.demand(2, 0.0, "x")
+    lad.update(0.0)
+    asked: list[tuple[int, float]] = []
+
+    def refuse(tier: int, now: float) -> bool:
+        asked.append((tier, now))
+        return False
+
+    assert lad.update(9.0, may_step_up=refuse) is None and asked == []  # not due yet
+    assert lad.update(10.0, may_step_up=refuse) is None and asked == [(1, 10.0)]
+    up = lad.update(10.5, may_step_up=lambda tier, now: True)
+    assert up is not None and up.to_tier == 1
+    lad.demand(2, 11.0, "again")  # fails within the stable period: still doubles
+    assert lad.update(11.0) is not None and lad.hold_s == 20.0
+
+
+def missing_sessions(n: int, gate: DemotionGate) -> list[SessionHealth]:
+    return [SessionHealth(CFG, now=0.0, gate=gate) for _ in range(n)]
+
+
+def test_sessions_missing_together_leave_one_per_interval() -> None:
+    gate = DemotionGate(2.0)
+    sessions = missing_sessions(4, gate)
+    drops: list[tuple[float, int]] = []
+    for step in range(60):  # all miss every chunk for 6 s
+        now = 0.1 * step
+        for i, h in enumerate(sessions):
+            h.on_chunk(now, LATE_PRIMARY)
+            change = h.update(now)
+            if change is not None:
+                assert change.to_tier == 2 and "deadline" in change.reason
+                drops.append((now, i))
+    times = [t for t, _ in drops]
+    assert len(drops) == 3 and times[0] == pytest.approx(0.3)  # the 4th late chunk
+    assert all(b - a >= 2.0 for a, b in zip(times, times[1:], strict=False))
+    assert len({i for _, i in drops}) == 3
+
+
+def test_an_overload_moves_only_the_sessions_that_shed_the_excess() -> None:
+    """A renderer that keeps 9 of 10 sessions on time: only one leaves it."""
+    gate = DemotionGate(2.0)
+    sessions = missing_sessions(10, gate)
+    on_gpu: list[int] = []
+    for step in range(400):  # 40 s: the one that left steps up, and one leaves again
+        now = 0.1 * step
+        late = sum(1 for h in sessions if h.tier == 1) > 9
+        for h in sessions:
+            lane = "primary" if h.tier == 1 else "fallback"
+            h.on_chunk(now, ChunkReport(lane, lane, "ok", late and h.tier == 1, 0.01))
+            h.update(now)
+        on_gpu.append(sum(1 for h in sessions if h.tier == 1))
+    assert min(on_gpu) == 9 and on_gpu[-1] == 9
+    assert on_gpu.count(10) < 20  # all ten on it only until one misses enough to leave
+
+
+def test_a_refused_session_drops_later_if_it_keeps_missing_and_not_if_it_stops() -> None:
+    gate = DemotionGate(2.0)
+    first, keeps, stops = missing_sessions(3, gate)
+    for i in range(4):
+        for h in (first, keeps, stops):
+            h.on_chunk(0.25 * i, LATE_PRIMARY)
+    assert [h.update(0.75) is not None for h in (first, keeps, stops)] == [True, False, False]
+    # Refused: both keep their tier and their window.
+    for i in range(4, 11):
+        now = 0.25 * i
+        keeps.on_chunk(now, LATE_PRIMARY)
+        stops.on_chunk(now, OK_PRIMARY)  # the misses stopped; old ones linger in the window
+        assert keeps.update(now) is None and stops.update(now) is None  # within 2 s
+    keeps.on_chunk(2.75, LATE_PRIMARY)
+    stops.on_chunk(2.75, OK_PRIMARY)
+    change = keeps.update(2.75)
+    assert change is not None and change.to_tier == 2 and "deadline" in change.reason
+    assert stops.update(2.75) is None
+    for i in range(12, 40):
+        stops.on_chunk(0.25 * i, OK_PRIMARY)
+        assert stops.update(0.25 * i) is None and stops.tier == 1
+
+
+def test_failures_and_congestion_drop_every_session_at_once() -> None:
+    gate = DemotionGate(2.0)
+    sessions = missing_sessions(6, gate)
+    for h in sessions[:3]:
+        h.on_chunk(1.0, ChunkReport("primary", "primary", "timeout", True, 0.0))
+    for h in sessions[3:5]:
+        h.on_chunk(1.0, ChunkReport("primary", "primary", "ok", True, 1.5))  # queue wait
+    for t in (0.0, 0.5, 1.0):
+        sessions[5].on_congestion(t)
+    assert all(h.update(1.0) is not None for h in sessions)
+    assert [h.tier for h in sessions] == [2] * 6
+    # The gate was not used: a deadline-miss drop goes through right after.
+    other = SessionHealth(CFG, now=0.0, gate=gate)
+    for i in range(4):
+        other.on_chunk(1.0 + 0.1 * i, LATE_PRIMARY)
+    assert other.update(1.3) is not None and other.tier == 2
+
+
+def test_a_failure_with_a_full_miss_window_does_not_take_the_gate() -> None:
+    gate = DemotionGate(2.0)
+    a, b = missing_sessions(2, gate)
+    for i in range(3):
+        a.on_chunk(0.1 * i, LATE_PRIMARY)
+    a.on_chunk(0.3, ChunkReport("primary", "primary", "error", True, 0.0))
+    change = a.update(0.3)
+    assert change is not None and change.reason == "primary render error"
+    for i in range(4):
+        b.on_chunk(0.4 + 0.1 * i, LATE_PRIMARY)
+    assert b.update(0.7) is not None
+
+
+def test_sessions_that_left_for_misses_step_up_one_per_interval() -> None:
+    gate = DemotionGate(2.0)
+    a, b = missing_sessions(2, gate)
+    failed = SessionHealth(CFG, now=0.0, gate=gate)
+    for i in range(4):
+        a.on_chunk(0.25 * i, LATE_PRIMARY)
+        b.on_chunk(2.0 + 0.25 * i, LATE_PRIMARY)
+    failed.on_chunk(2.75, ChunkReport("primary", "primary", "error", False, 0.0))
+    assert a.update(0.75) is not None and b.update(2.75) is not None
+    assert failed.update(2.75) is not None
+    a.ladder.demand(2, 2.75, "held")  # a's stable period now ends with b's
+    ups: dict[str, float] = {}
+    for step in range(200):
+        now = 2.75 + 0.0625 * step
+        for name, h in (("a", a), ("b", b), ("failed", failed)):
+            change = h.update(now)
+            if change is not None:
+                assert change.to_tier == 1 and name not in ups
+                ups[name] = now
+    # a and b were both due at 12.75: one steps up, the other one interval later; the
+    # session that left for a failure is not paced.
+    assert ups["failed"] == 12.75
+    assert sorted([ups["a"], ups["b"]]) == [12.75, 14.75]
+
+
+def test_a_step_up_under_the_instance_floor_is_not_paced() -> None:
+    gate = DemotionGate(2.0)
+    a, b = missing_sessions(2, gate)
+    for i in range(4):
+        a.on_chunk(0.25 * i, LATE_PRIMARY)
+        b.on_chunk(2.0 + 0.25 * i, LATE_PRIMARY)
+    assert a.update(0.75) is not None and b.update(2.75) is not None
+    a.ladder.demand(2, 2.75, "held")
+    a.update(12.75, floor=2)
+    b.update(12.75, floor=2)
+    assert a.ladder.own_tier == b.ladder.own_tier == 1 and a.tier == b.tier == 2
+    assert gate.allow_step_up(1, 12.75)  # neither took the slot
+
+
+def test_gate_zero_interval_paces_nothing() -> None:
+    gate = DemotionGate(0.0)
+    sessions = [SessionHealth(CFG.model_copy(update={"miss_demotion_interval_s": 0.0}),
+                              now=0.0, gate=gate) for _ in range(4)]
+    for i in range(4):
+        for h in sessions:
+            h.on_chunk(0.1 * i, LATE_PRIMARY)
+    assert all(h.update(0.3) is not None for h in sessions)
+    with pytest.raises(ValueError):
+        DemotionGate(-1.0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.floats(0.0, 1.0),
+                          st.sampled_from(["late", "ok", "error", "wait"])), max_size=120))
+def test_gate_promises(events: list[tuple[int, float, str]]) -> None:
+    """Any chunks of four sessions sharing a gate: deadline-miss drops from a tier are
+    at least the interval apart; failures and queue waits drop at once."""
+    gate = DemotionGate(2.0)
+    sessions = missing_sessions(4, gate)
+    now = 0.0
+    miss_drops: dict[int, list[float]] = {}
+    for i, dt, kind in events:
+        now += dt
+        h = sessions[i]
+        lane = "primary" if h.tier == 1 else "fallback"
+        outcome = "error" if kind == "error" else "ok"
+        h.on_chunk(now, ChunkReport(lane, lane, outcome, kind in ("late", "wait"),
+                                    1.5 if kind == "wait" else 0.0))
+        before = h.tier
+        change = h.update(now)
+        if kind in ("error", "wait") and before < 3:
+            assert change is not None and change.to_tier > before
+        if change is not None and "deadline" in change.reason:
+            miss_drops.setdefault(change.from_tier, []).append(now)
+    for times in miss_drops.values():
+        assert all(b - a >= 2.0 for a, b in zip(times, times[1:], strict=False))
