@@ -346,6 +346,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--capacity-calls", type=int,
                    help="timed full-batch calls after two untimed ones (3; tiny 1)")
     p.add_argument("--no-graphs", action="store_true", help="eager UNet (CUDA graphs off)")
+    p.add_argument("--log-level", default="warning", help="the server's log level (info: tier"
+                   " changes with their reasons)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet under the graphs (renderer.latentsync.compile)")
     p.add_argument("--turn-start-deepcache", type=int, default=1,
@@ -384,7 +386,7 @@ def plan_rows(args: argparse.Namespace) -> list[RowPlan]:
 async def main_async(args: argparse.Namespace) -> None:
     start = time.monotonic()
     deadline = start + args.budget_s
-    configure_logging(AgentConfig().logging.model_copy(update={"level": "warning",
+    configure_logging(AgentConfig().logging.model_copy(update={"level": args.log_level,
                                                               "format": "console"}))
     tune_process()
     device = torch.device("cpu" if args.tiny else "cuda:0")

@@ -396,6 +396,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--render-timeout", type=float, default=5.0)
     p.add_argument("--no-graphs", action="store_true", help="eager UNet (CUDA graphs off)")
+    p.add_argument("--log-level", default="warning", help="the server's log level (info: tier"
+                   " changes with their reasons)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet under the graphs (renderer.latentsync.compile)")
     p.add_argument("--turn-start-deepcache", type=int, default=1,
@@ -411,7 +413,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 async def main_async(args: argparse.Namespace) -> None:
     start = time.monotonic()
     deadline = start + args.budget_s
-    configure_logging(AgentConfig().logging.model_copy(update={"level": "warning",
+    configure_logging(AgentConfig().logging.model_copy(update={"level": args.log_level,
                                                               "format": "console"}))
     tune_process()
     devices = [torch.device("cpu" if args.tiny else f"cuda:{i}") for i in range(args.gpus)]
