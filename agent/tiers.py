@@ -137,7 +137,8 @@ class DemotionGate:
     misses per `interval_s`, so sessions leave one by one until the rest keep
     their deadlines, and one session that left for misses step back up into a
     tier per `interval_s`, so they do not return together and overload it again.
-    Failures, congestion and floors never ask it.
+    Long queue waits (load as well) ask it like misses; failures, congestion and
+    floors never ask it.
     """
 
     def __init__(self, interval_s: float) -> None:
@@ -212,8 +213,12 @@ class SessionHealth:
             self.ladder.demand(served, now, why)
         else:
             dropping = False
-        if report.late and report.queue_wait_s > self.config.queue_wait_s:
+        if (report.late and report.queue_wait_s > self.config.queue_wait_s and not dropping
+                and asked == tier and self.gate.allow_drop(tier, now)):
             # Badly late (a wait alone is harmless: work rendered ahead waits on purpose).
+            # Load, like misses: every session of an overloaded renderer waits at once, so
+            # the gate lets them leave one by one. A refused session judges its misses.
+            self._paced = True
             self.ladder.demand(asked + 1, now, f"queue wait {report.queue_wait_s:.1f} s")
             dropping = True
         if self._late_tier != tier:  # judge each tier on its own chunks
