@@ -22,6 +22,8 @@ holds ask for less). Admission control is relaxed (`--admission off`, the
 default) so that overload shows; with `on` the server refuses what it cannot hold.
 `--tiers off` keeps sessions at tier 1 under load (no shedding to the CPU
 fallback), to see what the scheduler alone does.
+`--pacing both` runs each row with load-driven tier drops paced per instance (the
+default `degradation.miss_demotion_interval_s`) and unpaced (0), in the same run.
 The first row, without chaos, is the baseline (plain CPU renderer, same run).
 
     python -m bench.resilience --sessions 1,2,4,6,8 --gpu-ms 40,60
@@ -242,9 +244,10 @@ def yaml_overrides(overrides: dict[str, Any]) -> str:
     return "".join(f"{section}:\n" + "".join(lines) for section, lines in sections.items())
 
 
-def write_config(path: Path, avatar_dir: Path, size: int, admission: bool, tiers: bool) -> None:
+def write_config(path: Path, avatar_dir: Path, size: int, admission: bool, tiers: bool,
+                 extra: dict[str, Any] | None = None) -> None:
     relaxed = yaml_overrides({**({} if admission else RELAXED_ADMISSION),
-                              **({} if tiers else TIERS_OFF)})
+                              **({} if tiers else TIERS_OFF), **(extra or {})})
     path.write_text(
         f"avatars:\n  cache_dir: {avatar_dir}\n  default_avatar:\n    size: {size}\n"
         "    clip_seconds: [4.0, 8.0]\n"
@@ -266,6 +269,9 @@ def main() -> None:
                    help="off: deadline misses and queue wait never lower a session's tier")
     p.add_argument("--tts-speed", type=float, default=4.0,
                    help="audio streams at this many times real time (1: just in time)")
+    p.add_argument("--pacing", choices=["on", "off", "both"], default="on",
+                   help="load-driven tier drops paced per instance (degradation."
+                   "miss_demotion_interval_s as configured) or not (0); both: each row twice")
     args = p.parse_args()
     call_ms, chunk_ms = (float(x) for x in args.gpu_ms.split(","))
     chaos = f"delay_ms={call_ms:g},chunk_ms={chunk_ms:g}"
@@ -273,14 +279,19 @@ def main() -> None:
     capacity_fps = batch_fps(MAX_BATCH, CHUNK, (call_ms + MAX_BATCH * chunk_ms) / 1000)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "bench.yaml"
-        write_config(cfg, Path(tmp) / "avatars", args.size, args.admission == "on",
-                     args.tiers == "on")
-        plan = [("baseline (no chaos)", 1, None)] + [
-            ("stand-in GPU", int(n), chaos) for n in args.sessions.split(",")]
-        for label, n, spec in plan:
+        configs = {}
+        for pacing in ("on", "off"):
+            configs[pacing] = Path(tmp) / f"bench-{pacing}.yaml"
+            write_config(configs[pacing], Path(tmp) / "avatars", args.size,
+                         args.admission == "on", args.tiers == "on",
+                         {} if pacing == "on" else {"degradation.miss_demotion_interval_s": 0})
+        pacings = ["off", "on"] if args.pacing == "both" else [args.pacing]
+        plan = [("baseline (no chaos)", 1, None, pacings[-1])] + [
+            ("stand-in GPU" + (f", pacing {pacing}" if args.pacing == "both" else ""), int(n),
+             chaos, pacing) for n in args.sessions.split(",") for pacing in pacings]
+        for label, n, spec, pacing in plan:
             chaos_args = ("--chaos", spec) if spec else ()
-            with server_process("--config", str(cfg), *chaos_args) as (proc, url):
+            with server_process("--config", str(configs[pacing]), *chaos_args) as (proc, url):
                 rows.append(asyncio.run(run_row(label, url, proc.pid, n, args.duration,
                                                 args.warmup, capacity_fps, args.tts_speed)))
             r = rows[-1]
@@ -290,7 +301,7 @@ def main() -> None:
     print(f"Server: python -m agent serve, CPU renderer, h264 {args.size}px, 25 fps; one primary "
           f"lane with chaos {chaos} standing in for a GPU (capacity {capacity_fps:.0f} "
           f"frames/s at batch {MAX_BATCH}), CPU fallback behind it; admission {args.admission}, "
-          f"load-driven tiers {args.tiers}. "
+          f"load-driven tiers {args.tiers}, paced drops {args.pacing}. "
           f"Every session speaks 2.5-3.5 s turns back to back, its audio streamed at "
           f"{args.tts_speed:g}x real time; "
           f"{args.duration:g} s window after {args.warmup:g} s.\n")
