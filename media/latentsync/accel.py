@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
@@ -181,6 +181,7 @@ class GraphPredictor:
         sdpa: Sequence[SDPBackend] | None = None,
     ) -> None:
         self.unet = unet
+        self._run: Callable[..., torch.Tensor] = unet  # what the graphs capture
         self._clock = _StepClock(cache_interval)
         self._sdpa = list(sdpa) if sdpa is not None else None
         self._graphs: dict[tuple[Any, ...], _Graphs] = {}
@@ -286,8 +287,7 @@ class GraphPredictor:
     ) -> torch.Tensor:
         if cache is not None:
             cache.refresh = refresh
-        out: torch.Tensor = self.unet(sample, timestep, audio, cache=cache)
-        return out
+        return self._run(sample, timestep, audio, cache=cache)
 
 
 class CompiledPredictor(GraphPredictor):
@@ -314,21 +314,7 @@ class CompiledPredictor(GraphPredictor):
     ) -> None:
         super().__init__(unet, cache_interval, sdpa)
         self.mode = mode
-        self._compiled = torch.compile(unet, mode=mode, dynamic=dynamic)
-
-    def _forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        audio: torch.Tensor,
-        cache: DeepCacheState | None,
-        *,
-        refresh: bool,
-    ) -> torch.Tensor:
-        if cache is not None:
-            cache.refresh = refresh
-        out: torch.Tensor = self._compiled(sample, timestep, audio, cache=cache)
-        return out
+        self._run = torch.compile(unet, mode=mode, dynamic=dynamic)
 
 
 def denoise(
