@@ -47,7 +47,9 @@ class TierChange:
 
 
 MAX_HOLD_FACTOR = 8  # a ladder that keeps falling back waits up to 8 x stable_s
-INSTANCE_WAIT_FACTOR = 4  # the instance drops at 4 x the session queue-wait limit
+PILE_UP_FACTOR = 4  # recent late chunks waited 4 x the session limit: shed faster
+INSTANCE_WAIT_FACTOR = 8  # ... 8 x: the whole instance drops a tier
+URGENT_DIVISOR = 4  # while piled up, the gate lets drops through 4 x as often
 
 
 class Ladder:
@@ -145,20 +147,25 @@ class DemotionGate:
         if interval_s < 0:
             raise ValueError(f"interval_s must be >= 0, got {interval_s}")
         self.interval_s = interval_s
+        # The instance sets it while late work piles up: sessions must leave faster
+        # (drops every interval / URGENT_DIVISOR) and none steps back up.
+        self.urgent = False
         self._left: dict[int, float] = {}  # tier -> when a session last left it for misses
         self._entered: dict[int, float] = {}  # tier -> when one last stepped up into it
 
     def allow_drop(self, tier: int, now: float) -> bool:
         """May a session leave `tier` for missing deadlines now? Yes takes the slot."""
-        return self._take(self._left, tier, now)
+        interval = self.interval_s / URGENT_DIVISOR if self.urgent else self.interval_s
+        return self._take(self._left, tier, now, interval)
 
     def allow_step_up(self, tier: int, now: float) -> bool:
         """May a session that left for misses step up into `tier` now? Yes takes the slot."""
-        return self._take(self._entered, tier, now)
+        return not self.urgent and self._take(self._entered, tier, now, self.interval_s)
 
-    def _take(self, last: dict[int, float], tier: int, now: float) -> bool:
+    @staticmethod
+    def _take(last: dict[int, float], tier: int, now: float, interval: float) -> bool:
         at = last.get(tier)
-        if at is not None and now - at < self.interval_s:
+        if at is not None and now - at < interval:
             return False
         last[tier] = now
         return True
@@ -280,6 +287,10 @@ class InstanceHealth:
     def tier(self) -> int:
         return self.ladder.tier
 
+    def piled_up(self, signals: InstanceSignals) -> bool:
+        """Late work is piling up: the sessions' gate should shed faster."""
+        return signals.queue_wait_p95_s > PILE_UP_FACTOR * self.config.queue_wait_s
+
     def update(self, now: float, signals: InstanceSignals) -> TierChange | None:
         no_primary = all(s is not BreakerState.CLOSED for s in signals.primary)
         if no_primary and signals.fallback is not BreakerState.CLOSED:
@@ -287,8 +298,9 @@ class InstanceHealth:
         elif no_primary:
             self.ladder.demand(2, now, "inference unavailable (circuit breaker open)")
         if signals.queue_wait_p95_s > INSTANCE_WAIT_FACTOR * self.config.queue_wait_s:
-            # Only a pile-up: moving every session off a merely busy GPU would leave it
-            # idle; the sessions that miss their frames move on their own.
+            # Only a bad pile-up: moving every session off a merely busy GPU would leave
+            # it idle; the sessions that miss their frames move on their own, faster
+            # while late work piles up (`piled_up`, the gate's `urgent`).
             self.ladder.demand(2, now, f"queue wait p95 {signals.queue_wait_p95_s:.1f} s")
         share = signals.gpu_memory_share
         if share is not None and share > self.gpu_memory_limit:

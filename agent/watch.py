@@ -82,8 +82,9 @@ class InstanceWatch:
         stats = srv.engine.stats()
         primary, fallback = srv.engine.router.states(now)
         gpu_share = self.gpu.used_bytes / self.gpu.total_bytes if self.gpu else None
-        change = self.health.update(now, InstanceSignals(primary, fallback,
-                                                         stats.queue_wait_p95_s, gpu_share))
+        signals = InstanceSignals(primary, fallback, stats.queue_wait_p95_s, gpu_share)
+        self.demotions.urgent = self.health.piled_up(signals)
+        change = self.health.update(now, signals)
         if change is not None:
             self.reason = change.reason
             m.degradation_tier.set(change.to_tier)

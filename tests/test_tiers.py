@@ -176,7 +176,9 @@ def test_instance_tier_follows_breakers_queue_wait_and_gpu_memory() -> None:
     assert inst.update(12.0, healthy) is not None and inst.tier == 2
     assert inst.update(22.0, healthy) is not None and inst.tier == 1
     assert inst.update(23.0, InstanceSignals((closed,), closed, 2.0, None)) is None  # busy
-    change = inst.update(23.0, InstanceSignals((closed,), closed, 4.5, None))  # piled up
+    piled = InstanceSignals((closed,), closed, 4.5, None)  # sessions shed faster
+    assert inst.piled_up(piled) and inst.update(23.0, piled) is None
+    change = inst.update(23.0, InstanceSignals((closed,), closed, 8.5, None))  # badly
     assert change is not None and "queue wait" in change.reason
     inst2 = InstanceHealth(CFG, gpu_memory_limit=0.8, now=0.0)
     change = inst2.update(0.0, InstanceSignals((closed,), closed, 0.0, 0.85))
@@ -294,6 +296,20 @@ def test_long_queue_waits_are_load_and_leave_one_by_one() -> None:
         h.on_chunk(3.1, waited)
         h.update(3.1)
     assert [h.tier for h in sessions] == [2, 2, 1, 1]
+
+
+def test_while_work_piles_up_sessions_leave_faster_and_none_returns() -> None:
+    gate = DemotionGate(2.0)
+    sessions = missing_sessions(4, gate)
+    gate.urgent = True
+    waited = ChunkReport("primary", "primary", "ok", True, 1.6)
+    for i, h in enumerate(sessions):  # 0.5 s apart: every one may leave
+        h.on_chunk(1.0 + 0.5 * i, waited)
+        h.update(1.0 + 0.5 * i)
+    assert [h.tier for h in sessions] == [2, 2, 2, 2]
+    assert not gate.allow_step_up(1, 30.0)
+    gate.urgent = False
+    assert gate.allow_step_up(1, 30.0)
 
 
 def test_a_failure_with_a_full_miss_window_does_not_take_the_gate() -> None:
