@@ -235,8 +235,11 @@ def test_sigterm_drains_and_exits_0(avatar_dir: Path, tmp_path: Path) -> None:
 async def test_frame_budget_admission_and_client_backoff(avatar_dir: Path) -> None:
     # A primary renderer that takes 400 ms a chunk (a slow GPU): once measured, the
     # frame-time budget holds only a few sessions.
+    # Planned speaking share 1.0: the measured share (an average that rises while the first
+    # session speaks and then decays) can never exceed it, so the budget stays put while
+    # the test waits (with 0.5 the decay freed a slot within the 0.3 s below).
     cfg = config(avatar_dir, **{"engine.chaos": "delay_ms=400", "admission.retry_after_ms": 50,
-                                "engine.render_timeout_s": 5.0})
+                                "engine.render_timeout_s": 5.0, "admission.speaking_share": 1.0})
     async with running_server(cfg) as srv:
         first = await SessionClient.open(srv.url)
         await first.speak("t1", speech_like(1.0, 16000), 16000, realtime=0)
