@@ -33,11 +33,11 @@ import numpy as np
 from agent.errors import GpuOutOfMemory, RenderError
 from media.types import (
     AvatarPrep,
-    PreparesAvatars,
     RenderChunk,
     Renderer,
     RendererCapabilities,
     RenderResult,
+    prepare_inner,
 )
 
 
@@ -155,9 +155,7 @@ class ChaosRenderer:
 
     def prepare_avatar(self, avatar: str, max_frames: int | None = None) -> AvatarPrep:
         """The inner renderer's, without faults: chaos is for renders."""
-        if isinstance(self.inner, PreparesAvatars):
-            return self.inner.prepare_avatar(avatar, max_frames)
-        return AvatarPrep(avatar, 0, 0, 0.0)
+        return prepare_inner(self.inner, avatar, max_frames)
 
     def render(self, batch: Sequence[RenderChunk]) -> list[RenderResult]:
         with self._lock:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from media.types import (
     AvatarPrep,
-    PreparesAvatars,
     RenderChunk,
     Renderer,
     RendererCapabilities,
     RenderResult,
+    prepare_inner,
 )
 
 
@@ -42,9 +42,7 @@ class ProfilingRenderer:
 
     def prepare_avatar(self, avatar: str, max_frames: int | None = None) -> AvatarPrep:
         """The inner renderer's, unprofiled (only renders are traced)."""
-        if isinstance(self.inner, PreparesAvatars):
-            return self.inner.prepare_avatar(avatar, max_frames)
-        return AvatarPrep(avatar, 0, 0, 0.0)
+        return prepare_inner(self.inner, avatar, max_frames)
 
     def close(self) -> None:
         self.inner.close()

@@ -156,6 +156,14 @@ class PreparesAvatars(Protocol):
     def prepare_avatar(self, avatar: str, max_frames: int | None = None) -> AvatarPrep: ...
 
 
+def prepare_inner(inner: object, avatar: str, max_frames: int | None = None) -> AvatarPrep:
+    """`prepare_avatar` for a wrapping renderer: the inner renderer's, or nothing to do
+    when it keeps no per-avatar state."""
+    if isinstance(inner, PreparesAvatars):
+        return inner.prepare_avatar(avatar, max_frames)
+    return AvatarPrep(avatar, 0, 0, 0.0)
+
+
 def samples_per_frame(fps: int, rate: int = RENDER_SAMPLE_RATE) -> int:
     """Audio samples covering one video frame; the rate must divide evenly."""
     if rate % fps:
