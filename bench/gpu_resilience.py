@@ -59,6 +59,7 @@ from bench.gpu_serve import (
     GIB,
     SAMPLERS,
     TimedRenderer,
+    add_runner_options,
     build_models,
     describe_settings,
     log,
@@ -345,13 +346,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--render-timeout", type=float, help="seconds (5; tiny 8)")
     p.add_argument("--capacity-calls", type=int,
                    help="timed full-batch calls after two untimed ones (3; tiny 1)")
-    p.add_argument("--no-graphs", action="store_true", help="eager UNet (CUDA graphs off)")
-    p.add_argument("--log-level", default="warning", help="the server's log level (info: tier"
-                   " changes with their reasons)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet under the graphs (renderer.latentsync.compile)")
-    p.add_argument("--turn-start-deepcache", type=int, default=1,
-                   help="renderer.latentsync.turn_start_deepcache_interval (1: off)")
+    add_runner_options(p)
     args = p.parse_args(argv)
     for name, (full, tiny) in DEFAULTS.items():
         if getattr(args, name) is None:

@@ -69,6 +69,17 @@ SAMPLERS: dict[str, dict[str, Any]] = {
 }
 
 
+def add_runner_options(p: argparse.ArgumentParser) -> None:
+    """The UNet runner's and the server log's options (read by `runner_settings`)."""
+    p.add_argument("--no-graphs", action="store_true", help="eager UNet (CUDA graphs off)")
+    p.add_argument("--log-level", default="warning", help="the server's log level (info: tier"
+                   " changes with their reasons)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet under the graphs (renderer.latentsync.compile)")
+    p.add_argument("--turn-start-deepcache", type=int, default=1,
+                   help="renderer.latentsync.turn_start_deepcache_interval (1: off)")
+
+
 def runner_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The UNet runner's config fields from the command line (same for every sampler)."""
     return {"cuda_graphs": not args.no_graphs, "compile": args.compile,
@@ -395,13 +406,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--render-timeout", type=float, default=5.0)
-    p.add_argument("--no-graphs", action="store_true", help="eager UNet (CUDA graphs off)")
-    p.add_argument("--log-level", default="warning", help="the server's log level (info: tier"
-                   " changes with their reasons)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet under the graphs (renderer.latentsync.compile)")
-    p.add_argument("--turn-start-deepcache", type=int, default=1,
-                   help="renderer.latentsync.turn_start_deepcache_interval (1: off)")
+    add_runner_options(p)
     p.add_argument("--gpus", type=int, default=1, help="renderers (engine lanes), one per GPU")
     args = p.parse_args(argv)
     args.users = {"exact": [int(x) for x in args.users_exact.split(",")],
