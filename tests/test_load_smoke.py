@@ -75,10 +75,17 @@ async def test_smoke_three_users_ten_seconds(tmp_path: Path) -> None:
     slots = 25 * sessions["connected_s"]
     assert 0.6 * slots <= frames["video"] + frames["dropped"] <= slots + 5 * sessions[
         "connections"]
-    assert frames["audio"] >= frames["video"]  # audio is never dropped
+    # Audio is never dropped. The server sends each pts's video before its audio, so a
+    # connection's end can cut off one frame's audio from the count, no more.
+    assert frames["audio"] >= frames["video"] - sessions["connections"]
     assert frames["keyframes"] >= sessions["connections"]
     assert 0.02 < o["gap_s"]["p50"] < 0.08
-    assert frames["video"] - sessions["connections"] <= o["gap_s"]["count"] < frames["video"]
+    # One gap per frame after each connection's first. Per-user entries count the whole
+    # run; "overall" latencies stop at the end of the measured time, and totals don't:
+    # frames arriving while the users say bye are counted but their gaps are not.
+    whole_run_gaps = sum(u["gap_s"]["count"] for u in report["users"])
+    assert whole_run_gaps == frames["video"] - sessions["connections"]
+    assert 0.9 * whole_run_gaps <= o["gap_s"]["count"] <= whole_run_gaps
     assert 0 <= frames["late_share"] <= 1
     assert 1 <= frames["decoded"] <= frames["keyframes"]  # --decode keyframes (default)
     assert not any(code.startswith("decode") or code == "internal" for code in o["errors"])
@@ -91,7 +98,7 @@ async def test_smoke_three_users_ten_seconds(tmp_path: Path) -> None:
     assert o["interrupt_ack_s"]["count"] <= min(turns["interrupted"], turns["interrupts_sent"])
     assert o["interrupt_to_idle_s"]["count"] <= turns["interrupts_sent"]
     assert all(0.0 < x < timeout(5) for x in (o["interrupt_to_idle_s"]["p50"],) if finite(x))
-    assert o["pts_jitter_s"]["count"] == o["gap_s"]["count"]
+    assert o["pts_jitter_s"]["count"] == whole_run_gaps  # jitter is whole-run too
     assert sum(u["turns"]["sent"] for u in report["users"]) == turns["sent"]
 
     ttff, gap = report["slo"]["checks"]
