@@ -30,12 +30,17 @@ Optional sections (not in the default 'all'): `profile` (top kernels of one eage
 run, then a fresh process's warm start from the disk cache) and `compile` (torch.compile
 under CUDA graphs against plain graphs, exact and fast samplers, cold compile time, then
 a fresh process's warm start from Inductor's disk caches, TORCHINDUCTOR_CACHE_DIR,
-default .cache/inductor).
+default .cache/inductor). `tune` compares compiled variants of the exact 20-step loop at
+B=`--tune-batch` chunks against plain graphs in the same run: Inductor settings (freezing,
+1x1 convolutions as matmuls, coordinate-descent tuning, max-autotune) and FP8 linear
+layers (`media/latentsync/fp8.py`), each separately and combined, with cold compile
+time, the difference from the fp16 graphs and a GPU-time breakdown by kernel kind.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -74,6 +79,7 @@ from media.latentsync.audio_features import (  # noqa: E402
     required_samples,
 )
 from media.latentsync.config import UNetConfig  # noqa: E402
+from media.latentsync.fp8 import fp8_linears  # noqa: E402
 from media.latentsync.unet import UNet3DConditionModel  # noqa: E402
 from media.latentsync.verify import relative_error  # noqa: E402
 from media.latentsync.whisper import WhisperEncoder  # noqa: E402
@@ -564,6 +570,49 @@ class Bench:
                 f" ({lines[-1] if lines else 'child failed: ' + child.stderr[-300:]})")
             log(self.notes[-1])
 
+    def tune(self, px: int, b: int, variants: list[str]) -> None:
+        """Exact 20-step DDIM, B chunks, compiled variants under CUDA graphs against plain
+        graphs (this run's baseline): Inductor settings and FP8 linear layers, each
+        separately, with cold compile time, speed, difference and a kernel breakdown."""
+        latent = px // 8
+        sample_shape = (2 * b, 13, FRAMES, latent, latent)
+        audio_shape = (2 * b * FRAMES, 50, 384)
+        base_s, base_out = self.loop(self.graphs(), b, latent)
+        self.add("+ CUDA graphs (this run's baseline)", px, b, 20, base_s)
+        for name in variants:
+            if not self.time_left():
+                self.skipped.append(f"{px}px tune {name}")
+                continue
+            options, fp8 = TUNE_VARIANTS[name]
+            unet = self.unet
+            if fp8:
+                unet = copy.deepcopy(self.unet)
+                swapped = fp8_linears(unet)
+                self.notes.append(f"FP8: {swapped} linear layers swapped for row-wise e4m3")
+            pred: NoisePredictor
+            if self.cuda:
+                pred = CompiledPredictor(unet, 1, options=options or None, dynamic=False)
+            else:
+                pred = UNetPredictor(unet)
+            t0 = time.perf_counter()
+            if isinstance(pred, GraphPredictor):
+                pred.warmup(sample_shape, audio_shape)
+            cold = time.perf_counter() - t0
+            s, out = self.loop(pred, b, latent)
+            self.add(f"tune: {name}", px, b, 20, s, relative_error(out.float(), base_out.float()))
+            self.notes.append(f"{px}px B={b} tune {name}: options {options or 'default'},"
+                              f" fp8 {fp8}; cold compile + capture {cold:.1f} s; rel. L2"
+                              " against this run's CUDA-graph result, same inputs")
+            log(self.notes[-1])
+            if self.cuda and isinstance(pred, CompiledPredictor):
+                self.notes.append(f"{px}px B={b} tune {name} kernels (one call, no graph): "
+                                  + kernel_breakdown(pred._run, sample_shape, audio_shape,
+                                                     self.dtype))
+                log(self.notes[-1])
+            del pred, unet
+            gc.collect()
+            torch.cuda.empty_cache() if self.cuda else None
+
     def compile_warm_start(self, px: int, b: int) -> None:
         """Child process: compile (from the disk caches) and capture one shape."""
         latent = px // 8
@@ -655,6 +704,62 @@ class Bench:
             Path(path).write_text(text)
 
 
+# name -> (Inductor options, FP8 linear layers). Options follow PyTorch's published
+# recipe for diffusion UNets (freezing folds the weights into the graph so convolution
+# weights get the activations' layout once; 1x1 convolutions become matmuls;
+# coordinate descent tunes the generated kernels' block sizes).
+TUNED: dict[str, Any] = {"freezing": True, "conv_1x1_as_mm": True,
+                         "coordinate_descent_tuning": True}
+TUNE_VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
+    "default": ({}, False),
+    "freezing": ({"freezing": True}, False),
+    "tuned": (TUNED, False),
+    "fp8": ({}, True),
+    "tuned+fp8": (TUNED, True),
+    "autotune": ({**TUNED, "max_autotune": True, "triton.cudagraphs": False}, False),
+    "autotune+fp8": ({**TUNED, "max_autotune": True, "triton.cudagraphs": False}, True),
+}
+KERNEL_KINDS = (  # first match wins, on the lower-cased kernel name
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
+    ("fp8 gemm", ("e4m3", "f8", "fp8")),
+    ("convolution", ("conv", "implicit_gemm", "xmma_fprop", "sm90_xmma_fprop", "dgrad",
+                     "wgrad", "fprop")),
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "mm_", "triton_tem")),
+    ("triton fused", ("triton",)),
+    ("layout / copy", ("copy", "transpose", "nchw", "nhwc", "elementwise", "memcpy",
+                       "memset")),
+)
+
+
+def kernel_breakdown(fn: Callable[..., Any], sample_shape: tuple[int, ...],
+                     audio_shape: tuple[int, ...], dtype: torch.dtype) -> str:
+    """GPU time of one call by kernel kind, and its top kernels (a compact string)."""
+    sample = torch.randn(sample_shape, device="cuda", dtype=dtype)
+    audio = torch.randn(audio_shape, device="cuda", dtype=dtype)
+    t = torch.full((1,), 500, device="cuda", dtype=torch.long)
+    with torch.inference_mode():
+        fn(sample, t, audio)
+        sync()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn(sample, t, audio)
+            sync()
+    kinds: dict[str, float] = {}
+    kernels: list[tuple[float, str]] = []
+    for ev in prof.key_averages():
+        us = float(getattr(ev, "self_device_time_total", 0.0))
+        if us <= 0:
+            continue
+        name = ev.key.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(x in name for x in keys)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us
+        kernels.append((us, ev.key[:60]))
+    total = sum(kinds.values())
+    parts = ", ".join(f"{k} {v / 1000:.1f} ms ({100 * v / total:.0f}%)"
+                      for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    top = "; ".join(f"{n} {us / 1000:.1f}" for us, n in sorted(kernels, reverse=True)[:8])
+    return f"total {total / 1000:.1f} ms: {parts}. Top: {top}"
+
+
 def fmt_mem(mem: dict[str, float], key: str) -> str:
     return f"{mem[key]:.2f}" if key in mem else ""
 
@@ -700,6 +805,9 @@ def main() -> None:
                         help="torch.compile mode for the 'compile' section")
     parser.add_argument("--compile-batches", default="1,8", help="chunks per compiled call")
     parser.add_argument("--compile-batch", type=int, default=1, help="compilewarm's batch")
+    parser.add_argument("--tune-batch", type=int, default=8, help="chunks per call, 'tune'")
+    parser.add_argument("--tune-variants", default="default,tuned,fp8,tuned+fp8",
+                        help=f"comma-separated, of: {', '.join(TUNE_VARIANTS)}")
     parser.add_argument("--compile-dynamic", action="store_true",
                         help="automatic dynamic shapes (the server's setting): one predictor"
                         " for every batch size, two compiles")
@@ -715,7 +823,7 @@ def main() -> None:
     sections = args.sections.split(",") if args.sections != "all" else ["all"]
 
     def want(name: str) -> bool:
-        optional = name.startswith(("aot", "compile")) or name == "profile"
+        optional = name.startswith(("aot", "compile")) or name in ("profile", "tune")
         return name in sections or ("all" in sections and not optional)
 
     steps: list[tuple[str, Callable[[], None]]] = [
@@ -732,6 +840,7 @@ def main() -> None:
         ("compile", lambda: bench.compile_section(
             small, [int(x) for x in args.compile_batches.split(",")])),
         ("compilewarm", lambda: bench.compile_warm_start(small, args.compile_batch)),
+        ("tune", lambda: bench.tune(small, args.tune_batch, args.tune_variants.split(","))),
     ]
     for name, run in steps:
         if not want(name):

@@ -299,6 +299,7 @@ class CompiledPredictor(GraphPredictor):
     warm-up calls of the first capture of a shape (minutes cold; Inductor's
     on-disk caches under TORCHINDUCTOR_CACHE_DIR make later starts fast).
     DeepCache's refresh and shallow forwards compile to two graphs.
+    `options`: Inductor settings (torch.compile's `options`) instead of a `mode`.
     `dynamic=None` (torch's automatic dynamic shapes): the first batch size compiles
     static, the second recompiles with a symbolic batch that serves every later size,
     so warming up batch sizes 1..N costs two compiles, not N; False: one per size.
@@ -311,10 +312,16 @@ class CompiledPredictor(GraphPredictor):
         sdpa: Sequence[SDPBackend] | None = None,
         mode: str = "default",
         dynamic: bool | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(unet, cache_interval, sdpa)
         self.mode = mode
-        self._run = torch.compile(unet, mode=mode, dynamic=dynamic)
+        # torch.compile takes a mode or Inductor options, not both.
+        self._run = (
+            torch.compile(unet, options=options, dynamic=dynamic)
+            if options
+            else torch.compile(unet, mode=mode, dynamic=dynamic)
+        )
 
 
 def denoise(
