@@ -53,21 +53,19 @@ import torch
 from agent.avatars import AvatarRegistry
 from agent.chaos import ChaosSpec, Fault
 from agent.config import AgentConfig
-from agent.logs import configure_logging
-from agent.server import AgentServer, tune_process
+from agent.server import AgentServer
 from bench.gpu_serve import (
     GIB,
     SAMPLERS,
     TimedRenderer,
     add_runner_options,
-    build_models,
+    bench_setup,
     describe_settings,
     log,
     runner_settings,
     server_config,
     wait_ready,
 )
-from bench.machine import describe
 from bench.resilience import RELAXED_ADMISSION, TIERS_OFF, batch_fps
 from media.avatar import Avatar
 from media.types import RENDER_SAMPLE_RATE, ChunkKey, FrameSpec, RenderChunk
@@ -381,23 +379,11 @@ def plan_rows(args: argparse.Namespace) -> list[RowPlan]:
 async def main_async(args: argparse.Namespace) -> None:
     start = time.monotonic()
     deadline = start + args.budget_s
-    configure_logging(AgentConfig().logging.model_copy(update={"level": args.log_level,
-                                                              "format": "console"}))
-    tune_process()
-    device = torch.device("cpu" if args.tiny else "cuda:0")
-    dtype = torch.float32 if args.tiny else torch.float16
-    t0 = time.perf_counter()
-    models = build_models(args.tiny, device, dtype)
-    card = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (tiny dry run)"
-    log(f"models built in {time.perf_counter() - t0:.1f} s on {card}")
+    setup = bench_setup(args)
+    models = setup.models[0]
     defaults = AgentConfig()
     meta: dict[str, Any] = {
-        "machine": describe(), "card": card, "torch": torch.__version__,
-        "dtype": str(dtype).removeprefix("torch."), "resolution": args.resolution,
-        "models": "tiny" if args.tiny else "stage2.json UNet, Whisper tiny, sd-vae-ft-mse",
-        "codec": args.codec, "height": args.height, "max_batch": args.max_batch,
-        "render_timeout": args.render_timeout, "tts_speed": args.tts_speed,
-        "duration": args.duration, "warmup": args.warmup,
+        **setup.meta, "tts_speed": args.tts_speed, "warmup": args.warmup,
         "breaker_open_s": defaults.breaker.open_s, "stable_s": defaults.degradation.stable_s,
         "capacity": {}, "notes": [], "command": " ".join(sys.argv),
     }

@@ -415,32 +415,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-async def main_async(args: argparse.Namespace) -> None:
-    start = time.monotonic()
-    deadline = start + args.budget_s
+@dataclass
+class BenchSetup:
+    """What both GPU benchmarks start from: logging, models on each device, metadata."""
+
+    devices: list[torch.device]
+    dtype: torch.dtype
+    models: list[LatentSyncModels]  # one set per device
+    card: str
+    meta: dict[str, Any]  # the machine, models and the settings every row shares
+
+
+def bench_setup(args: argparse.Namespace, gpus: int = 1) -> BenchSetup:
     configure_logging(AgentConfig().logging.model_copy(update={"level": args.log_level,
                                                               "format": "console"}))
     tune_process()
-    devices = [torch.device("cpu" if args.tiny else f"cuda:{i}") for i in range(args.gpus)]
-    device = devices[0]
+    devices = [torch.device("cpu" if args.tiny else f"cuda:{i}") for i in range(gpus)]
     dtype = torch.float32 if args.tiny else torch.float16
     t0 = time.perf_counter()
-    models_per_gpu = [build_models(args.tiny, d, dtype) for d in devices]
-    models = models_per_gpu[0]
-    if device.type == "cuda":
+    models = [build_models(args.tiny, d, dtype) for d in devices]
+    if devices[0].type == "cuda":
         torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
-    weights = sum(p.numel() * p.element_size() for m in (models.unet, models.codec.vae)
+    weights = sum(p.numel() * p.element_size() for m in (models[0].unet, models[0].codec.vae)
                   for p in m.parameters())
-    card = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (tiny dry run)"
+    card = torch.cuda.get_device_name(0) if devices[0].type == "cuda" else "CPU (tiny dry run)"
     log(f"models built in {build_s:.1f} s on {card}")
     meta = {"machine": describe(), "card": card, "torch": torch.__version__,
             "dtype": str(dtype).removeprefix("torch."), "resolution": args.resolution,
             "models": "tiny" if args.tiny else "stage2.json UNet, Whisper tiny, sd-vae-ft-mse",
             "codec": args.codec, "height": args.height, "max_batch": args.max_batch,
             "render_timeout": args.render_timeout, "model_build_s": build_s,
-            "weights_gib": weights / GIB, "gpus": args.gpus, "duration": args.duration,
-            "settle": args.settle}
+            "weights_gib": weights / GIB, "duration": args.duration}
+    return BenchSetup(devices, dtype, models, card, meta)
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    setup = bench_setup(args, args.gpus)
+    device, models_per_gpu = setup.devices[0], setup.models
+    meta = {**setup.meta, "gpus": args.gpus, "settle": args.settle}
     args.out.mkdir(parents=True, exist_ok=True)
     runs: list[ConfigRun] = []
     with tempfile.TemporaryDirectory() as tmp:
