@@ -223,7 +223,8 @@ class LatentSyncConfig(_Config):
     compile: bool = Field(
         False, description="Compile the UNet with torch.compile (Inductor) under the CUDA graphs"
         " (CUDA only): about 1.5x the frames per second on an H100. The first start compiles"
-        " every batch size (about 1.5 min each); later starts reuse compile_cache_dir."
+        " each forward kind once for every batch size (exact; DeepCache's refresh and"
+        " shallow: 1.5-2 min each on an H100); later starts reuse compile_cache_dir."
     )
     compile_cache_dir: Path = Field(
         Path("~/.cache/avatar-agent/inductor"), description="Inductor's on-disk caches"

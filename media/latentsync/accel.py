@@ -291,18 +291,21 @@ class GraphPredictor:
 
 
 class CompiledPredictor(GraphPredictor):
-    """`GraphPredictor` over an Inductor-compiled UNet (`torch.compile`, static shapes).
+    """`GraphPredictor` over an Inductor-compiled UNet (`torch.compile`).
 
     Inductor fuses the memory-bound glue between the library kernels (GroupNorm,
     GEGLU, residual adds, layout conversions), then each input shape's compiled
     forward is captured into CUDA graphs as before. Compiling happens in the
     warm-up calls of the first capture of a shape (minutes cold; Inductor's
     on-disk caches under TORCHINDUCTOR_CACHE_DIR make later starts fast).
-    DeepCache's refresh and shallow forwards compile to two graphs.
+    `dynamic=None` (the default): the batch dimension of every input is marked
+    dynamic before the first call, so one compile of each forward kind (exact;
+    DeepCache's refresh and shallow) serves every batch size; left to torch's
+    automatic dynamic shapes, the first size would compile static and the second
+    compile again. False: static shapes, one compile per size and kind (Dynamo
+    gives up after `torch._dynamo.config.recompile_limit` of them, 8 by default).
     `options`: Inductor settings (torch.compile's `options`) instead of a `mode`.
-    `dynamic=None` (torch's automatic dynamic shapes): the first batch size compiles
-    static, the second recompiles with a symbolic batch that serves every later size,
-    so warming up batch sizes 1..N costs two compiles, not N; False: one per size.
+    `backend`: torch.compile's (tests count graphs with "eager").
     """
 
     def __init__(
@@ -313,15 +316,34 @@ class CompiledPredictor(GraphPredictor):
         mode: str = "default",
         dynamic: bool | None = None,
         options: dict[str, Any] | None = None,
+        backend: str = "inductor",
     ) -> None:
         super().__init__(unet, cache_interval, sdpa)
         self.mode = mode
+        self._mark_batch = dynamic is None
         # torch.compile takes a mode or Inductor options, not both.
         self._run = (
-            torch.compile(unet, options=options, dynamic=dynamic)
+            torch.compile(unet, options=options, dynamic=dynamic, backend=backend)
             if options
-            else torch.compile(unet, mode=mode, dynamic=dynamic)
+            else torch.compile(unet, mode=mode, dynamic=dynamic, backend=backend)
         )
+
+    def _forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        audio: torch.Tensor,
+        cache: DeepCacheState | None,
+        *,
+        refresh: bool,
+    ) -> torch.Tensor:
+        if self._mark_batch:  # metadata only: the tensors are untouched
+            batched = [sample, audio]
+            if cache is not None and cache.deep is not None and not refresh:
+                batched.append(cache.deep)
+            for tensor in batched:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return super()._forward(sample, timestep, audio, cache, refresh=refresh)
 
 
 def denoise(
