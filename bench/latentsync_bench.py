@@ -809,8 +809,8 @@ def main() -> None:
     parser.add_argument("--tune-variants", default="default,tuned,fp8,tuned+fp8",
                         help=f"comma-separated, of: {', '.join(TUNE_VARIANTS)}")
     parser.add_argument("--compile-dynamic", action="store_true",
-                        help="automatic dynamic shapes (the server's setting): one predictor"
-                        " for every batch size, two compiles")
+                        help="a dynamic batch (the server's setting): one predictor"
+                        " for every batch size, one compile")
     args = parser.parse_args()
     if args.tiny:  # a CPU smoke run: 4-frame chunks, one thread (a busy shared machine)
         global FRAMES
