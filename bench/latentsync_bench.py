@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import describe  # noqa: E402
 from media.latentsync.accel import (  # noqa: E402
+    AOT_WEIGHT_OPTIONS,
     AotPredictor,
     CompiledPredictor,
     GraphPredictor,
@@ -457,12 +458,14 @@ class Bench:
             f" {time.perf_counter() - t0:.2f} s"
         )
         pred = AotPredictor.load_or_compile(
-            self.unet, sample_shape, audio_shape, self.args.aot_dir, RANDOM_WEIGHTS_ID
+            self.unet, sample_shape, audio_shape, self.args.aot_dir, RANDOM_WEIGHTS_ID,
+            self.args.aot_weights,
         )
         what = "compiled + loaded" if pred.compiled_now else "loaded from the disk cache"
         size = pred.path.stat().st_size / 2**20
         self.notes.append(
-            f"{px}px B={b} AOTInductor artifact {pred.path.name} ({size:.0f} MiB with weights):"
+            f"{px}px B={b} AOTInductor artifact {pred.path.name} ({size:.0f} MiB,"
+            f" weights: {self.args.aot_weights}):"
             f" {what} in {pred.seconds:.1f} s; one call vs eager: rel. L2"
             f" {pred.verified_error:.2e}"
         )
@@ -486,6 +489,7 @@ class Bench:
         if "aotwarm" not in self.args.sections:  # the parent: a fresh process's warm start
             cmd = [sys.executable, __file__, "--config", self.args.config, "--sections", "aotwarm"]
             cmd += ["--aot-dir", str(self.args.aot_dir), "--aot-batch", str(b)]
+            cmd += ["--aot-weights", self.args.aot_weights]
             cmd += ["--tiny"] if self.args.tiny else []
             t0 = time.perf_counter()
             child = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -650,7 +654,8 @@ class Bench:
         audio_shape = (2 * b * FRAMES, 50, 384)
         built = time.perf_counter() - self.started
         pred = AotPredictor.load_or_compile(
-            self.unet, sample_shape, audio_shape, self.args.aot_dir, RANDOM_WEIGHTS_ID
+            self.unet, sample_shape, audio_shape, self.args.aot_dir, RANDOM_WEIGHTS_ID,
+            self.args.aot_weights,
         )
         noise, conditions, audio = chunk_inputs(b, latent, self.device, self.dtype)
         t0 = time.perf_counter()
@@ -800,6 +805,8 @@ def main() -> None:
     )
     parser.add_argument("--aot-dir", type=Path, default=Path(".cache/aoti"))
     parser.add_argument("--aot-batch", type=int, default=8, help="chunks per AOT-compiled call")
+    parser.add_argument("--aot-weights", choices=sorted(AOT_WEIGHT_OPTIONS), default="blob",
+                        help="where the AOT artifact keeps the weights (accel.AOT_WEIGHT_OPTIONS)")
     parser.add_argument("--profile-out", default="latentsync_profile.txt")
     parser.add_argument("--compile-mode", default="default",
                         help="torch.compile mode for the 'compile' section")

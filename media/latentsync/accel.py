@@ -384,7 +384,19 @@ def denoise(
 
 
 # Names the export/compile settings of `_compile_package`; change it when they change.
-AOT_RECIPE = "export+aoti-embedded-weights-v1"
+AOT_RECIPE = "export+aoti-v2"
+AotWeights = Literal["so", "blob", "mmap"]
+# Where the artifact keeps the weights (Inductor's aot_inductor settings):
+# so: in the shared library's data (the default; loading this 2.4 GB UNet's package
+#     segfaulted in torch 2.11's CUDA loader, 2026-11);
+# blob: a separate binary blob in the package, read at load (small .so);
+# mmap: appended to the shared library and memory-mapped by the runtime.
+AOT_WEIGHT_OPTIONS: dict[str, dict[str, Any]] = {
+    "so": {},
+    "blob": {"aot_inductor.package_constants_in_so": False,
+             "aot_inductor.package_constants_on_disk_format": "binary_blob"},
+    "mmap": {"aot_inductor.force_mmap_weights": True},
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,6 +410,7 @@ class AotKey:
     gpu: str  # torch.cuda.get_device_name, or "cpu"
     torch_version: str
     weights_id: str  # the checkpoint's identity: the weights are compiled into the artifact
+    weights: str = "blob"  # where the artifact keeps them (AOT_WEIGHT_OPTIONS)
     recipe: str = AOT_RECIPE  # how it was compiled (see `_compile_package`)
 
     @classmethod
@@ -407,6 +420,7 @@ class AotKey:
         sample_shape: Sequence[int],
         audio_shape: Sequence[int],
         weights_id: str,
+        weights: AotWeights = "blob",
     ) -> AotKey:
         param = next(unet.parameters())
         config = json.dumps(asdict(unet.config), sort_keys=True, default=list)
@@ -419,6 +433,7 @@ class AotKey:
             gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             torch_version=torch.__version__,
             weights_id=weights_id,
+            weights=weights,
         )
 
     def filename(self) -> str:
@@ -454,19 +469,20 @@ class AotPredictor:
         audio_shape: Sequence[int],
         cache_dir: Path,
         weights_id: str,
+        weights: AotWeights = "blob",
     ) -> AotPredictor:
         """Load this key's artifact from `cache_dir`; compile and store it first if absent.
 
         `weights_id` names the checkpoint (a file digest, say): the artifact holds the
-        weights, so another checkpoint needs another artifact. (Binding the model's own
-        tensors at load, `package_constants_in_so=False`, crashed the CUDA loader of
-        torch 2.11 in `aoti_load_package` for this model: segfault, 2026-11.)
+        weights, so another checkpoint needs another artifact. `weights`: where the
+        artifact keeps them (see AOT_WEIGHT_OPTIONS).
         """
         start = time.perf_counter()
-        path = cache_dir / AotKey.of(unet, sample_shape, audio_shape, weights_id).filename()
+        key = AotKey.of(unet, sample_shape, audio_shape, weights_id, weights)
+        path = cache_dir / key.filename()
         compiled_now = not path.is_file()
         if compiled_now:
-            _compile_package(unet, tuple(sample_shape), tuple(audio_shape), path)
+            _compile_package(unet, tuple(sample_shape), tuple(audio_shape), path, weights)
         runner = torch._inductor.aoti_load_package(str(path))
         predictor = cls(runner, compiled_now, time.perf_counter() - start, path)
         predictor._verify(unet, tuple(sample_shape), tuple(audio_shape))
@@ -511,6 +527,7 @@ def _compile_package(
     sample_shape: tuple[int, ...],
     audio_shape: tuple[int, ...],
     path: Path,
+    weights: AotWeights,
 ) -> None:
     param = next(unet.parameters())
     example = (
@@ -525,5 +542,6 @@ def _compile_package(
         torch._inductor.aoti_compile_and_package(
             program,
             package_path=str(tmp),
+            inductor_configs=AOT_WEIGHT_OPTIONS[weights],
         )
     os.replace(tmp, path)  # atomic: a concurrent loader sees no half-written file
