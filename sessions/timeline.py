@@ -7,8 +7,9 @@ The material model (runs, cursors, recency) is in `sessions.timeline_material`.
 
 Position and history. The conversation keeps one cursor across turns: turn k
 starts where turn k-1 stopped. Shown frames are recorded as visits; a frame's
-penalty falls from 1 (just shown) to 0 (shown a horizon ago: half as many frames as
-the avatar has speech material), and planning picks the least penalised material.
+penalty falls from 1 (just shown) towards REPEAT_FLOOR and drops to 0 once it was
+shown a horizon ago (half as many frames as the avatar has speech material): within
+the horizon a frame is a repeat. Planning picks the least penalised material.
 Ping-pong (reversing) happens only when no other entry exists.
 
 Length matching. With the turn length R known, the exact plans are: continue here if
@@ -51,8 +52,9 @@ LISTENING_TAG = "listening"
 STATE_VERSION = 1
 MAX_VISITS = 256  # bounds state size; older visits are forgotten first
 
-# Planning costs, in frames. A frame's recency penalty (1 just shown, 0 a horizon ago)
-# counts REPEAT_WEIGHT times: one stale frame outweighs several fresh ones.
+# Planning costs, in frames. A frame's recency penalty (1 just shown, at least REPEAT_FLOOR
+# within the horizon, 0 beyond) counts REPEAT_WEIGHT times: one stale frame outweighs
+# several fresh ones.
 REPEAT_WEIGHT = 4.0
 SWITCH_COST = 25.0  # a crossfade between pieces during speech
 MID_GESTURE_COST = 25.0  # ... leaving the old piece outside a rest segment / natural end

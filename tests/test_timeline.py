@@ -628,3 +628,31 @@ def test_conversation_regression_stale_continuation() -> None:
         m.viewer.show(m.idle[0])
         m.repeats_bounded()
     assert m.speech >= 2000
+
+
+def test_material_shown_within_the_horizon_is_a_repeat_however_long_ago() -> None:
+    """Frames shown 0.8 horizons ago are repeats: the kept position gives way to fresh
+    material rather than replay them for CONTINUE_BONUS (with a penalty falling to 0 at
+    the horizon they cost about 0.15 a frame, and the timeline replayed them)."""
+    checked = 0
+    for seed in range(8):
+        tl, clips, neutral = timeline(seed)
+        pos = tl.position
+        ahead = [a for a in ends_ahead(clips[pos.clip], pos.frame) if 50 <= a[1] <= 75]
+        if not ahead:
+            continue
+        end, n = ahead[0]
+        horizon = sum(c.num_frames - len(c.bad_frames) for c in clips) // 2
+        state = tl.state()
+        state["t"] = horizon
+        state["visits"] = [[pos.clip, pos.frame, end, horizon - int(0.8 * horizon)]]
+        _, _, idle = make_avatar(seed)
+        again = Timeline.from_state(clips, neutral, idle, TimelineConfig(), FPS, state)
+        again.start_turn(duration_frames=n)
+        shown = [s.source for s in again.next_frames(n)]
+        again.end_turn()
+        stretch = {SourceRef(pos.clip, f) for f in range(pos.frame, end + 1)}
+        replayed = sum(ref in stretch for ref in shown)
+        assert replayed <= REPEAT_BOUND * n, (seed, replayed, n)
+        checked += 1
+    assert checked >= 3
