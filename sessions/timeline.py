@@ -7,17 +7,22 @@ The material model (runs, cursors, recency) is in `sessions.timeline_material`.
 
 Position and history. The conversation keeps one cursor across turns: turn k
 starts where turn k-1 stopped. Shown frames are recorded as visits; a frame's
-penalty falls from 1 (just shown) to 0 (shown a horizon ago: half as many frames as
-the avatar has speech material), and planning picks the least penalised material.
+penalty falls from 1 (just shown) towards REPEAT_FLOOR and drops to 0 once it was
+shown a horizon ago (half as many frames as the avatar has speech material): within
+the horizon a frame is a repeat. Planning picks the least penalised material.
 Ping-pong (reversing) happens only when no other entry exists.
 
-Length matching. With the turn length R known: continue here if a natural end lies
-within LENGTH_TOLERANCE of R frames ahead; otherwise, at turn start, start R frames
-before a natural end (the blend from idle hides the start), or - and mid-turn only
-this - play k more frames here and crossfade into a piece whose natural end is
-R - k frames on; the cheapest exact plan wins. While R is unknown the timeline
-streams on, crossfading into fresh material when a run runs out, and plans the exit
-once R arrives (an estimate that runs short is dropped until the true length comes).
+Length matching. With the turn length R known, the exact plans are: continue here if
+a natural end lies within LENGTH_TOLERANCE of R frames ahead; at turn start, start R
+frames before a natural end (the blend from idle hides the start); or play k more
+frames here and crossfade into a piece whose natural end is R - k frames on. The
+cheapest exact plan wins, and continuing is costed by recency like the others: it
+gets CONTINUE_BONUS at turn start (and no SWITCH_COST mid-turn), but the position is
+kept so that movements don't repeat, so it gives way where the frames ahead were
+shown lately (the conversation came back to them from elsewhere). While R is unknown
+the timeline streams on, crossfading into fresh material when a run runs out, and
+plans the exit once R arrives (an estimate that runs short is dropped until the true
+length comes).
 
 Blends. Every change of picture is a blend of two streams: from the idle frame into
 the material (blend_in_ms), between pieces (blend_out_ms), into the neutral pose
@@ -47,8 +52,9 @@ LISTENING_TAG = "listening"
 STATE_VERSION = 1
 MAX_VISITS = 256  # bounds state size; older visits are forgotten first
 
-# Planning costs, in frames. A frame's recency penalty (1 just shown, 0 a horizon ago)
-# counts REPEAT_WEIGHT times: one stale frame outweighs several fresh ones.
+# Planning costs, in frames. A frame's recency penalty (1 just shown, at least REPEAT_FLOOR
+# within the horizon, 0 beyond) counts REPEAT_WEIGHT times: one stale frame outweighs
+# several fresh ones.
 REPEAT_WEIGHT = 4.0
 SWITCH_COST = 25.0  # a crossfade between pieces during speech
 MID_GESTURE_COST = 25.0  # ... leaving the old piece outside a rest segment / natural end
@@ -637,10 +643,8 @@ class Timeline:
 
     def _plan_start(self, turn: _Turn) -> None:
         r = self._remaining(turn)
-        if r is not None and r > 0 and self._fits_here(turn, r, check_tag=True):
-            turn.final = True
-            return
         rec = self._recency()
+        stay = None if r is None or r <= 0 else self._stay(turn, r, rec, check_tag=True)
         starts = self._starts(turn, rec)
         turn.mat = starts[0][1] if starts else self._pos
         if r is None:
@@ -651,6 +655,9 @@ class Timeline:
         # The exit is planned together with the start: the freshest start of each run
         # (and here) followed by a crossfade, or a start trimmed to end at a natural end.
         plans: list[tuple[_Plan, Cur]] = []
+        if stay is not None:  # go on where the conversation left off, to a natural end
+            extra = self._tag_cost(self._m.runs[stay[2].run].clip, turn) - CONTINUE_BONUS
+            plans.append(((stay[0] + extra, *stay[1:]), stay[2]))
         trim = self._best_trimmed_start(turn, r, rec, avoid=None)
         if trim is not None:
             plans.append((trim, trim[2]))
@@ -690,25 +697,37 @@ class Timeline:
         turn.final = False
         if r is None:
             return
-        if r > 0 and self._fits_here(turn, r, check_tag=False):
-            turn.final = True
-            return
         self._choose_exit(turn, r, self._recency())
 
     def _choose_exit(self, turn: _Turn, r: int, rec: Recency) -> None:
-        """Mid-turn: the cheapest crossfade that ends speech at a natural end. When every
-        such exit is stale and the run runs out first anyway, stream on: the next switch
-        plans again."""
+        """Mid-turn: playing on to a natural end r frames on, or the cheapest crossfade that
+        ends speech at one, whichever shows fresher material (a crossfade costs SWITCH_COST).
+        When every exit is stale and the run runs out first anyway, stream on: the next
+        switch plans again."""
         if r <= 0:
             turn.final = True
             return
+        stay = self._stay(turn, r, rec, check_tag=False)
         kmin = sum(1 for s, _, _ in turn.queue if s is None)  # no switch inside a blend
         plan = self._best_switch(turn, turn.mat, kmin, r, rec)
+        if stay is not None and (plan is None or stay[0] <= plan[0]):
+            turn.final = True
+            return
         left = self._m.left(turn.mat)
         if plan is None or (plan[1] > STALE_SHARE * r and r > left):
             turn.final = r <= left  # no exit (or only stale ones): end inside this piece
             return
         turn.switch_left, turn.switch_to = plan[3], plan[2]
+
+    def _stay(self, turn: _Turn, r: int, rec: Recency, *, check_tag: bool) -> _Plan | None:
+        """Playing on here to the end of speech, r frames on, when a natural end lies there
+        (k = 0), costed by how recently those frames were shown like any other plan: the
+        position is kept so that movements don't repeat, not where they would."""
+        if not self._fits_here(turn, r, check_tag=check_tag):
+            return None
+        c = turn.mat
+        pen = rec.cost(c.run, c.idx, c.idx + r - 1)
+        return (REPEAT_WEIGHT * pen, pen, c, 0)
 
     def _fits_here(self, turn: _Turn, r: int, *, check_tag: bool) -> bool:
         """Playing on, the r-th frame from here lies within LENGTH_TOLERANCE source frames

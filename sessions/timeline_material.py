@@ -21,6 +21,7 @@ from media.types import SourceRef
 
 MAX_STEP = 3  # largest source-frame step inside a run (steps over 1-2 bad frames)
 LENGTH_TOLERANCE = 2  # frames: an exit this close to a natural end counts as natural
+REPEAT_FLOOR = 0.3  # least penalty of a frame shown within the horizon: it is a repeat
 IDLE_TAG = "idle"
 
 Ints = npt.NDArray[np.int64]
@@ -159,7 +160,11 @@ def _make_run(c: int, clip: ClipInfo, frames: list[int], speech: bool) -> Run:
 
 
 class Recency:
-    """How recently each frame was shown, as a penalty: 1 just now, 0 a horizon or more ago.
+    """How recently each frame was shown, as a penalty: 1 just now, falling linearly but
+    not below REPEAT_FLOOR while within the horizon, 0 a horizon or more ago. A frame
+    shown within the horizon is a repeat however long ago (the timeline's stats and its
+    tests count it so): with a penalty falling to 0 at the horizon, material shown just
+    inside it looked as good as fresh and lost to any crossfade or gesture cost.
 
     A visit [clip, first, last, t_end] played first..last and showed `last` at t_end,
     so frame f of it was shown at about t_end - |last - f|. Prefix sums per run
@@ -176,7 +181,12 @@ class Recency:
         self.prefix: list[Floats] = []
         for run in m.runs:
             st = stamps[run.clip][run.frames]
-            pen = np.where(st >= 0, np.clip(1.0 - (now - st) / max(horizon, 1), 0.0, 1.0), 0.0)
+            age = now - st
+            pen = np.where(
+                (st >= 0) & (age < horizon),
+                np.maximum(1.0 - age / max(horizon, 1), REPEAT_FLOOR),
+                0.0,
+            )
             self.prefix.append(np.concatenate(([0.0], np.cumsum(pen))))
 
     def cost(self, run: int, i0: int, i1: int) -> float:

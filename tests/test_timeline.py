@@ -15,8 +15,9 @@ Stated thresholds (checked on every pair of consecutive pictures):
 - the weight of a blend between the same two streams moves in one direction;
 - REPEAT_BOUND bounds the share of speech frames whose source frame was shown in
   the last half of the avatar's material (counted in shown frames), over turns
-  where the timeline chose the material (match turns dictate it: they continue
-  to a natural end the test picked), once 2000 such frames were shown.
+  where the timeline chose the material (match turns dictate it: they end at a
+  natural end ahead of the position, which the timeline must continue to unless
+  some frame up to it was shown within that half), once 2000 such frames were shown.
 """
 
 from __future__ import annotations
@@ -225,6 +226,16 @@ class Conversation(RuleBasedStateMachine):
             self.repeats += seen is not None and self.shown - seen <= self.horizon
         self.last_seen[spec.source] = self.shown
 
+    def fresh(self, pos: SourceRef, end: int, pending: list[FrameSpec]) -> bool:
+        """No frame from pos to end (one clip) was shown within the horizon, nor is pending."""
+        recent = {s.source for s in pending}
+        for f in range(pos.frame, end + 1):
+            ref = SourceRef(pos.clip, f)
+            seen = self.last_seen.get(ref)
+            if ref in recent or (seen is not None and self.shown - seen <= self.horizon):
+                return False
+        return True
+
     @precondition(lambda self: self.turns < 200)
     @rule(data=st.data())
     def turn(self, data: st.DataObject) -> None:
@@ -243,12 +254,13 @@ class Conversation(RuleBasedStateMachine):
             else st.integers(0, len(self.idle) - 1)
         )
         target: tuple[int, int] | None = None
+        fresh = False  # nothing up to the target was shown lately: the timeline must go there
         if mode == "match" and self.tl.stats().reversals == 0:
             pos = self.tl.position
             ahead = ends_ahead(self.clips[pos.clip], pos.frame)
             assume(ahead)
             e, n = draw(st.sampled_from(ahead), label="natural end ahead")
-            target = (pos.clip, e)
+            target, fresh = (pos.clip, e), self.fresh(pos, e, [])
         duration = {"early": n, "estimate": max(n + draw(st.integers(-50, 50)), 0)}.get(mode)
         if mode == "match":
             duration = n
@@ -281,6 +293,7 @@ class Conversation(RuleBasedStateMachine):
                     if ahead:
                         e, d = draw(st.sampled_from(ahead), label="natural end ahead (late)")
                         target, n = (pos.clip, e), len(frames) + d
+                        fresh = self.fresh(pos, e, frames)
                         stop = n if interrupt_at is None else min(stop, n)
                 self.call("set_turn_length", n)
                 length_set = True
@@ -296,7 +309,7 @@ class Conversation(RuleBasedStateMachine):
             for spec in frames:
                 self.see(spec, counted=target is None)
             tail = self.call("end_turn")
-            if target is not None and frames:
+            if target is not None and frames and fresh:
                 last = frames[-1].source
                 assert last.clip == target[0], (last, target)
                 assert abs(last.frame - target[1]) <= LENGTH_TOLERANCE, (last, target)
@@ -545,3 +558,101 @@ def test_a_single_short_clip_ping_pongs_as_a_last_resort() -> None:
     for spec in frames + tl.end_turn():
         viewer.show(spec)
     assert tl.stats().reversals > 0
+
+
+def test_kept_position_gives_way_when_the_material_ahead_was_just_shown() -> None:
+    """Continuing where the conversation left off is a plan like the others, costed by
+    recency: a natural end at exactly the turn's length does not make the timeline replay
+    what it has just shown (as when a turn ended just before material shown shortly before)."""
+    for seed in range(6):
+        tl, clips, neutral = timeline(seed)
+        pos = tl.position
+        ahead = [a for a in ends_ahead(clips[pos.clip], pos.frame) if a[1] >= 40]
+        if not ahead:
+            continue
+        end, n = ahead[0]
+        tl.start_turn(duration_frames=n)
+        first = [s.source for s in tl.next_frames(n)]
+        tl.end_turn()
+        assert first[0] == pos and first[-1] == SourceRef(pos.clip, end)  # fresh: it continued
+        state = tl.state()
+        state["pos"] = [pos.clip, pos.frame, 1]  # back where the last turn started
+        _, _, idle = make_avatar(seed)
+        again = Timeline.from_state(clips, neutral, idle, TimelineConfig(), FPS, state)
+        again.start_turn(duration_frames=n)
+        second = [s.source for s in again.next_frames(n)]
+        again.end_turn()
+        replayed = sum(ref in set(first) for ref in second)
+        assert replayed <= REPEAT_BOUND * n, (seed, replayed, n)
+
+
+# (speech frames, from_idle, interrupt after, frames shown) of "early" turns without style.
+_STALE_CONTINUE_TURNS = (
+    (133, 0, 105, 103),
+    (340, 1, None, None),
+    (276, 61, 6, 1),
+    (343, 96, None, None),
+    (297, 13, None, None),
+    (273, 74, None, None),
+    (392, 13, None, None),
+    (390, 3, None, None),
+    (100, 43, None, None),
+    (386, 46, None, None),
+)
+
+
+def test_conversation_regression_stale_continuation() -> None:
+    """A conversation like the one Hypothesis found (avatar 2248, long blends, long turns
+    with known lengths): turns started where the last one stopped and ran on to a natural
+    end through material shown a few turns before, 13 % repeats. The stateful test's own
+    checks, in a fixed order."""
+    m = Conversation()
+    m.setup(seed=2248, tl_seed=855, blend_in=298, blend_out=388, interrupt_blend=415)
+    for n, from_idle, interrupt_at, shown in _STALE_CONTINUE_TURNS:
+        m.viewer.start_at(m.idle[from_idle])
+        m.tl.start_turn(duration_frames=n, from_idle=from_idle)
+        frames = m.tl.next_frames(n if interrupt_at is None else interrupt_at)
+        if interrupt_at is None:
+            for spec in frames:
+                m.see(spec)
+            tail = m.tl.end_turn()
+        else:
+            for spec in frames[:shown]:
+                m.see(spec)
+            if not shown:
+                m.viewer.start_at(m.idle[from_idle])
+            tail = m.tl.interrupt(frames[shown - 1] if shown else None)
+        for spec in tail:
+            m.see(spec)
+        assert picture(tail[-1]) == {m.neutral: 1.0}
+        m.viewer.show(m.idle[0])
+        m.repeats_bounded()
+    assert m.speech >= 2000
+
+
+def test_material_shown_within_the_horizon_is_a_repeat_however_long_ago() -> None:
+    """Frames shown 0.8 horizons ago are repeats: the kept position gives way to fresh
+    material rather than replay them for CONTINUE_BONUS (with a penalty falling to 0 at
+    the horizon they cost about 0.15 a frame, and the timeline replayed them)."""
+    checked = 0
+    for seed in range(8):
+        tl, clips, neutral = timeline(seed)
+        pos = tl.position
+        ahead = [a for a in ends_ahead(clips[pos.clip], pos.frame) if 50 <= a[1] <= 75]
+        if not ahead:
+            continue
+        end, n = ahead[0]
+        horizon = sum(c.num_frames - len(c.bad_frames) for c in clips) // 2
+        state = tl.state()
+        state["t"] = horizon
+        state["visits"] = [[pos.clip, pos.frame, end, horizon - int(0.8 * horizon)]]
+        _, _, idle = make_avatar(seed)
+        again = Timeline.from_state(clips, neutral, idle, TimelineConfig(), FPS, state)
+        again.start_turn(duration_frames=n)
+        shown = [s.source for s in again.next_frames(n)]
+        again.end_turn()
+        stretch = {SourceRef(pos.clip, f) for f in range(pos.frame, end + 1)}
+        replayed = sum(ref in stretch for ref in shown)
+        assert replayed <= REPEAT_BOUND * n, (seed, replayed, n)
+        checked += 1
+    assert checked >= 3
