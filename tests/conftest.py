@@ -1,6 +1,10 @@
 """Shared test fixtures.
 
 Timeouts scale from one unit (TIMEOUT_UNIT_S, env AVATAR_TEST_TIMEOUT_UNIT).
+
+Hypothesis: with CI set (as `.ci/run` is run) its examples are derandomized, so a
+CI verdict depends on the code alone; everywhere else each run draws new examples
+and keeps failures in `.hypothesis/`. Run the suite locally to explore.
 """
 
 from __future__ import annotations
@@ -10,6 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 TIMEOUT_UNIT_S = float(os.environ.get("AVATAR_TEST_TIMEOUT_UNIT", "1.0"))
 REPO = Path(__file__).resolve().parent.parent
