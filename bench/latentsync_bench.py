@@ -487,19 +487,9 @@ class Bench:
             " same B-chunk inputs, not the B=1 exact run"
         )
         if "aotwarm" not in self.args.sections:  # the parent: a fresh process's warm start
-            cmd = [sys.executable, __file__, "--config", self.args.config, "--sections", "aotwarm"]
-            cmd += ["--aot-dir", str(self.args.aot_dir), "--aot-batch", str(b)]
-            cmd += ["--aot-weights", self.args.aot_weights]
-            cmd += ["--tiny"] if self.args.tiny else []
-            t0 = time.perf_counter()
-            child = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            wall = time.perf_counter() - t0
-            lines = [ln for ln in child.stdout.splitlines() if ln.startswith("warm start:")]
-            self.notes.append(
-                f"fresh process, artifact on disk: {wall:.1f} s from launch to exit"
-                f" ({lines[-1] if lines else 'child failed: ' + child.stderr[-300:]})"
-            )
-            log(self.notes[-1])
+            self.fresh_process(["--sections", "aotwarm", "--aot-dir", str(self.args.aot_dir),
+                                "--aot-batch", str(b), "--aot-weights", self.args.aot_weights],
+                               "artifact on disk")
 
     def compiled_predictor(self, interval: int) -> NoisePredictor:
         dynamic = None if self.args.compile_dynamic else False
@@ -558,21 +548,24 @@ class Bench:
                  8, False),
             ])
         if "compilewarm" not in self.args.sections:  # the parent: a fresh process's start
-            b = min(batches)
-            cmd = [sys.executable, __file__, "--config", self.args.config,
-                   "--sections", "compilewarm", "--compile-batch", str(b),
-                   "--compile-mode", self.args.compile_mode] + (
-                       ["--tiny"] if self.args.tiny else []) + (
-                       ["--compile-dynamic"] if self.args.compile_dynamic else [])
-            t0 = time.perf_counter()
-            child = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            wall = time.perf_counter() - t0
-            lines = [ln for ln in child.stdout.splitlines() if ln.startswith("warm start:")]
-            self.notes.append(
-                f"fresh process, Inductor caches on disk ({os.environ['TORCHINDUCTOR_CACHE_DIR']}):"
-                f" {wall:.1f} s from launch to exit"
-                f" ({lines[-1] if lines else 'child failed: ' + child.stderr[-300:]})")
-            log(self.notes[-1])
+            self.fresh_process(["--sections", "compilewarm", "--compile-batch",
+                                str(min(batches)), "--compile-mode", self.args.compile_mode]
+                               + (["--compile-dynamic"] if self.args.compile_dynamic else []),
+                               f"Inductor caches on disk ({os.environ['TORCHINDUCTOR_CACHE_DIR']})")
+
+    def fresh_process(self, args: list[str], what: str) -> None:
+        """Run this script again in a new process (a warm start: `args` pick a child
+        section) and note its time from launch to exit with the child's 'warm start:' line."""
+        cmd = [sys.executable, __file__, "--config", self.args.config, *args]
+        cmd += ["--tiny"] if self.args.tiny else []
+        t0 = time.perf_counter()
+        child = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - t0
+        lines = [ln for ln in child.stdout.splitlines() if ln.startswith("warm start:")]
+        self.notes.append(
+            f"fresh process, {what}: {wall:.1f} s from launch to exit"
+            f" ({lines[-1] if lines else 'child failed: ' + child.stderr[-300:]})")
+        log(self.notes[-1])
 
     def tune(self, px: int, b: int, variants: list[str]) -> None:
         """Exact 20-step DDIM, B chunks, compiled variants under CUDA graphs against plain
