@@ -150,7 +150,7 @@ class AgentServer:
         self.encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self.sessions: dict[str, SessionConnection] = {}
         self._pending: set[SessionConnection] = set()
-        self._videos: dict[VideoKey, asyncio.Future[tuple[EncodedFrame, ...]]] = {}
+        self._videos: dict[VideoKey, asyncio.Task[tuple[EncodedFrame, ...]]] = {}
         self._prepared: dict[str, asyncio.Task[list[AvatarPrep]]] = {}
         self._neutral: dict[str, Frame] = {}
         self._background: set[asyncio.Task[object]] = set()
@@ -461,22 +461,28 @@ class AgentServer:
 
     async def _shared_video(self, key: VideoKey, frames: Callable[[], list[Frame]],
                             fps: int) -> tuple[EncodedFrame, ...]:
-        fut = self._videos.get(key)
-        if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            self._videos[key] = fut
-            _, _, codec, width, height = key
-            try:
-                pictures = await asyncio.to_thread(frames)
-                packets = await asyncio.to_thread(
-                    encode_loop, pictures, codec, width, height, fps,
-                    self.config.video.idle_keyframe_interval_frames, self.config.video)
-                fut.set_result(packets)
-            except BaseException as exc:
-                del self._videos[key]
-                fut.set_exception(exc)
-                raise
-        return await asyncio.shield(fut)
+        """One encode per key, shared by every session that asks. It runs as its own
+        task: a session that leaves while waiting (cancelled) neither stops it for the
+        others nor leaves an exception nobody reads."""
+        task = self._videos.get(key)
+        if task is None:
+            task = asyncio.create_task(self._encode_shared(key, frames, fps))
+            self._videos[key] = task
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return await asyncio.shield(task)
+
+    async def _encode_shared(self, key: VideoKey, frames: Callable[[], list[Frame]],
+                             fps: int) -> tuple[EncodedFrame, ...]:
+        _, _, codec, width, height = key
+        try:
+            pictures = await asyncio.to_thread(frames)
+            return await asyncio.to_thread(
+                encode_loop, pictures, codec, width, height, fps,
+                self.config.video.idle_keyframe_interval_frames, self.config.video)
+        except BaseException:
+            del self._videos[key]  # the next request tries again
+            raise
 
     async def _handle(self, ws: ServerConnection) -> None:
         """Connection-level checks, then the session. Nothing is allocated for a

@@ -17,6 +17,7 @@ from agent.protocol import FrameFlags, MediaKind
 from agent.server import AgentServer
 from media.audio import pcm16_to_float
 from media.decode import VideoDecoder
+from media.types import Frame
 from tests.conftest import timeout
 from tests.serverutil import running_server, small_config, speech_like
 
@@ -373,3 +374,25 @@ async def test_metrics_move_after_a_turn(server: AgentServer) -> None:
                        if line.startswith('avatar_frames_sent_total{tier="1"}'))
     assert float(frames_line.split()[-1]) > 10
     assert MediaKind.VIDEO == 1
+
+
+async def test_shared_video_outlives_a_waiter_that_leaves(server: AgentServer) -> None:
+    """The first session to need a video encodes it for every session; leaving while it
+    encodes (its task cancelled) neither stops the encode nor loses it for the next one."""
+    avatar = server.avatars.get("default")
+    calls = 0
+
+    def frames() -> list[Frame]:
+        nonlocal calls
+        calls += 1
+        return [server.neutral_picture(avatar)] * 3
+
+    key = ("test", avatar.id, "h264", 64, 64)
+    leaver = asyncio.create_task(server._shared_video(key, frames, avatar.fps))
+    await asyncio.sleep(0)  # the encode has started
+    leaver.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaver
+    packets = await server._shared_video(key, frames, avatar.fps)
+    assert len(packets) == 3 and calls == 1  # the same encode, finished for the stayer
+    assert await server._shared_video(key, frames, avatar.fps) is packets
