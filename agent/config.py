@@ -230,6 +230,23 @@ class LatentSyncConfig(_Config):
         Path("~/.cache/avatar-agent/inductor"), description="Inductor's on-disk caches"
         " (TORCHINDUCTOR_CACHE_DIR) when compile is on; keep it on a volume."
     )
+    aot: bool = Field(
+        False, description="Run the UNet as ahead-of-time compiled artifacts (torch.export +"
+        " AOTInductor; under the CUDA graphs on CUDA) instead of compile: the first start"
+        " compiles each forward kind in use once for batches up to max_batch and stores it"
+        " in aot_cache_dir; later starts load it. The artifacts hold no weights (any"
+        " checkpoint of the architecture uses them); each load is checked against eager."
+    )
+    aot_cache_dir: Path = Field(
+        Path("~/.cache/avatar-agent/aot"), description="Where aot keeps its artifacts, keyed"
+        " by model config, dtype, shapes, batch range, GPU model and torch version."
+    )
+
+    @model_validator(mode="after")
+    def _one_compiler(self) -> LatentSyncConfig:
+        if self.compile and self.aot:
+            raise ValueError("compile and aot are two ways to compile the UNet: turn on one")
+        return self
 
 
 class RendererConfig(_Config):

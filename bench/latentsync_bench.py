@@ -26,15 +26,19 @@ seconds per loop. Rows:
   frames copied to the host, B=1;
 - memory: weights, eager peak allocated, graph footprint (reserved after capture).
 Optional sections (not in the default 'all'): `profile` (top kernels of one eager call)
-`aot` (AOTInductor compile or load, its speed against graphs and eager in the same
-run, then a fresh process's warm start from the disk cache) and `compile` (torch.compile
-under CUDA graphs against plain graphs, exact and fast samplers, cold compile time, then
-a fresh process's warm start from Inductor's disk caches, TORCHINDUCTOR_CACHE_DIR,
-default .cache/inductor). `tune` compares compiled variants of the exact 20-step loop at
-B=`--tune-batch` chunks against plain graphs in the same run: Inductor settings (freezing,
-1x1 convolutions as matmuls, coordinate-descent tuning, max-autotune) and FP8 linear
-layers (`media/latentsync/fp8.py`), each separately and combined, with cold compile
-time, the difference from the fp16 graphs and a GPU-time breakdown by kernel kind.
+`aot` (the server's `aot` runner: weightless AOTInductor artifacts with a symbolic
+batch, compiled or loaded from `--aot-dir`, under CUDA graphs; its speed against graphs
+and eager in the same run, then a fresh process's warm start from the disk cache) and
+`compile` (torch.compile under CUDA graphs against plain graphs, exact and fast
+samplers, cold compile time, then a fresh process's warm start from Inductor's disk
+caches, TORCHINDUCTOR_CACHE_DIR, default .cache/inductor). `tune` compares compiled
+variants of the exact 20-step loop at B=`--tune-batch` chunks against plain graphs in
+the same run: Inductor settings (freezing, 1x1 convolutions as matmuls, coordinate-
+descent tuning, max-autotune) and FP8 linear layers (`media/latentsync/fp8.py`), each
+separately and combined, with cold compile time, the difference from the fp16 graphs and
+a GPU-time breakdown by kernel kind. `attention` runs the exact loop at `--tune-batch`
+chunks under CUDA graphs with each fused SDPA backend pinned (cuDNN, flash,
+memory-efficient) against PyTorch's pick, no compiling.
 """
 
 from __future__ import annotations
@@ -64,8 +68,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import describe  # noqa: E402
 from media.latentsync.accel import (  # noqa: E402
-    AOT_WEIGHT_OPTIONS,
-    AotPredictor,
     CompiledPredictor,
     GraphPredictor,
     NoisePredictor,
@@ -74,6 +76,7 @@ from media.latentsync.accel import (  # noqa: E402
     denoise,
     make_scheduler,
 )
+from media.latentsync.aot import AotPredictor  # noqa: E402
 from media.latentsync.audio_features import (  # noqa: E402
     AudioFeatureExtractor,
     ChunkAudio,
@@ -90,7 +93,6 @@ FPS = 25
 GUIDANCE = 1.5
 GIB = 1024**3
 VAE_SCALE = 0.18215
-RANDOM_WEIGHTS_ID = "random-seed0-unit-std-out"  # build_unet's weights, for the AOT key
 
 
 def log(msg: str) -> None:
@@ -250,6 +252,7 @@ class Bench:
         ]
         self.rows.append(cells)
         log(" | ".join(cells))
+        self.save()  # a run killed at its time limit still leaves every finished row
 
     def diff(self, latent: int, out: torch.Tensor) -> float:
         """Relative L2 of chunk 0 against the exact 20-step DDIM result (same inputs, B=1)."""
@@ -445,7 +448,8 @@ class Bench:
             log(self.notes[-1])
 
     def aot(self, px: int, b: int) -> None:
-        """AOTInductor for one shape vs graphs and eager (same run), then a fresh process."""
+        """The AOT runner (exact forward, batch symbolic up to B chunks) vs graphs and eager
+        in the same run, then a fresh process's warm start from the stored artifact."""
         latent = px // 8
         sample_shape = (2 * b, 13, FRAMES, latent, latent)
         audio_shape = (2 * b * FRAMES, 50, 384)
@@ -457,23 +461,24 @@ class Bench:
             f"{px}px B={b} CUDA graph capture at start (no compiling):"
             f" {time.perf_counter() - t0:.2f} s"
         )
-        pred = AotPredictor.load_or_compile(
-            self.unet, sample_shape, audio_shape, self.args.aot_dir, RANDOM_WEIGHTS_ID,
-            self.args.aot_weights,
-        )
-        what = "compiled + loaded" if pred.compiled_now else "loaded from the disk cache"
-        size = pred.path.stat().st_size / 2**20
-        self.notes.append(
-            f"{px}px B={b} AOTInductor artifact {pred.path.name} ({size:.0f} MiB,"
-            f" weights: {self.args.aot_weights}):"
-            f" {what} in {pred.seconds:.1f} s; one call vs eager: rel. L2"
-            f" {pred.verified_error:.2e}"
-        )
-        log(self.notes[-1])
+        pred = self.aot_predictor(b)
+        t0 = time.perf_counter()
+        if isinstance(pred, AotPredictor):
+            pred.warmup(sample_shape, audio_shape)
+        ready = time.perf_counter() - t0
+        for load in pred.loads if isinstance(pred, AotPredictor) else []:
+            size = load.path.stat().st_size / 2**20
+            self.notes.append(
+                f"{px}px AOTInductor {load.kind} artifact {load.path.name} ({size:.1f} MiB):"
+                f" {'exported, compiled, stored and loaded' if load.compiled_now else 'loaded'}"
+                f" in {load.seconds:.1f} s; 2-row call vs eager: rel. L2 {load.error:.2e};"
+                f" ready with B={b} graphs captured after {ready:.1f} s"
+            )
+            log(self.notes[-1])
         for name, predictor in (
             ("eager", UNetPredictor(self.unet)),
             ("CUDA graphs", graphs),
-            ("AOTInductor", pred),
+            ("AOTInductor + CUDA graphs", pred),
         ):
             ms = self.call_ms(predictor, b, latent)
             self.notes.append(f"{px}px B={b} one UNet call, {name}: {ms:.1f} ms")
@@ -481,15 +486,20 @@ class Bench:
         graph_s, graph_out = self.loop(graphs, b, latent)
         self.add("+ CUDA graphs (this run's baseline)", px, b, 20, graph_s)
         s, out = self.loop(pred, b, latent)
-        self.add("AOTInductor (torch.export), exact", px, b, 20, s, relative_error(out, graph_out))
+        self.add("AOTInductor + CUDA graphs, exact", px, b, 20, s,
+                 relative_error(out.float(), graph_out.float()))
         self.notes.append(
             "AOTInductor row: rel. L2 is against the CUDA-graph (eager kernels) result on the"
             " same B-chunk inputs, not the B=1 exact run"
         )
         if "aotwarm" not in self.args.sections:  # the parent: a fresh process's warm start
             self.fresh_process(["--sections", "aotwarm", "--aot-dir", str(self.args.aot_dir),
-                                "--aot-batch", str(b), "--aot-weights", self.args.aot_weights],
-                               "artifact on disk")
+                                "--aot-batch", str(b)], "artifact on disk")
+
+    def aot_predictor(self, b: int) -> NoisePredictor:
+        if not self.cuda:
+            return UNetPredictor(self.unet)  # --tiny on the CPU: the bench's plumbing only
+        return AotPredictor(self.unet, cache_dir=self.args.aot_dir, max_rows=2 * b)
 
     def compiled_predictor(self, interval: int) -> NoisePredictor:
         dynamic = None if self.args.compile_dynamic else False
@@ -610,6 +620,32 @@ class Bench:
             gc.collect()
             torch.cuda.empty_cache() if self.cuda else None
 
+    def attention(self, px: int, b: int) -> None:
+        """Exact 20-step loop, B chunks, under CUDA graphs with one fused attention backend
+        pinned for every SDPA call (spatial, audio and temporal attention), against
+        PyTorch's own choice in the same run. No compiling: seconds per row."""
+        latent = px // 8
+        base_s, base_out = self.loop(self.graphs(), b, latent)
+        self.add("+ CUDA graphs, attention as PyTorch picks (this run's baseline)", px, b, 20,
+                 base_s)
+        for name, backend in (("cuDNN", SDPBackend.CUDNN_ATTENTION),
+                              ("flash", SDPBackend.FLASH_ATTENTION),
+                              ("memory-efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            if not self.time_left():
+                self.skipped.append(f"{px}px attention {name}")
+                continue
+            try:
+                s, out = self.loop(self.graphs(sdpa=[backend]), b, latent)
+            except RuntimeError as exc:  # a backend that does not take some shape
+                self.notes.append(f"{px}px B={b} {name} attention: not run ({exc})"[:300])
+                log(self.notes[-1])
+                continue
+            finally:
+                gc.collect()
+                torch.cuda.empty_cache() if self.cuda else None
+            self.add(f"+ CUDA graphs, {name} attention pinned", px, b, 20, s,
+                     relative_error(out.float(), base_out.float()))
+
     def compile_warm_start(self, px: int, b: int) -> None:
         """Child process: compile (from the disk caches) and capture one shape."""
         latent = px // 8
@@ -641,25 +677,28 @@ class Bench:
         log(table[:6000])
 
     def aot_warm_start(self, px: int, b: int) -> None:
-        """Child process: load the cached artifact and make the first prediction."""
+        """Child process: load the stored artifact, capture B's graphs, first call."""
         latent = px // 8
         sample_shape = (2 * b, 13, FRAMES, latent, latent)
         audio_shape = (2 * b * FRAMES, 50, 384)
         built = time.perf_counter() - self.started
-        pred = AotPredictor.load_or_compile(
-            self.unet, sample_shape, audio_shape, self.args.aot_dir, RANDOM_WEIGHTS_ID,
-            self.args.aot_weights,
-        )
+        pred = self.aot_predictor(b)
+        t0 = time.perf_counter()
+        if isinstance(pred, AotPredictor):
+            pred.warmup(sample_shape, audio_shape)
+        ready = time.perf_counter() - t0
+        loads = pred.loads if isinstance(pred, AotPredictor) else []
         noise, conditions, audio = chunk_inputs(b, latent, self.device, self.dtype)
         t0 = time.perf_counter()
         with torch.inference_mode():
             pred(torch.cat([torch.cat([noise, noise]), conditions], dim=1), 500, audio)
         sync()
         first = time.perf_counter() - t0
+        how = ", ".join(f"{load.kind} {'compiled' if load.compiled_now else 'loaded'} in"
+                        f" {load.seconds:.2f} s" for load in loads) or "no artifact (CPU)"
         print(
-            f"warm start: model built {built:.1f} s (imports excluded), artifact"
-            f" {'compiled' if pred.compiled_now else 'loaded'} in {pred.seconds:.2f} s,"
-            f" first UNet call {1000 * first:.0f} ms",
+            f"warm start: model built {built:.1f} s (imports excluded), {how}; B={b} graphs"
+            f" captured, ready after {ready:.1f} s; first UNet call {1000 * first:.0f} ms",
             flush=True,
         )
 
@@ -797,9 +836,8 @@ def main() -> None:
         "--sections", default="all", help="comma-separated; 'aot' is never in 'all'"
     )
     parser.add_argument("--aot-dir", type=Path, default=Path(".cache/aoti"))
-    parser.add_argument("--aot-batch", type=int, default=8, help="chunks per AOT-compiled call")
-    parser.add_argument("--aot-weights", choices=sorted(AOT_WEIGHT_OPTIONS), default="blob",
-                        help="where the AOT artifact keeps the weights (accel.AOT_WEIGHT_OPTIONS)")
+    parser.add_argument("--aot-batch", type=int, default=8,
+                        help="chunks of the largest AOT-compiled call (its batch is symbolic)")
     parser.add_argument("--profile-out", default="latentsync_profile.txt")
     parser.add_argument("--compile-mode", default="default",
                         help="torch.compile mode for the 'compile' section")
@@ -823,7 +861,8 @@ def main() -> None:
     sections = args.sections.split(",") if args.sections != "all" else ["all"]
 
     def want(name: str) -> bool:
-        optional = name.startswith(("aot", "compile")) or name in ("profile", "tune")
+        optional = name.startswith(("aot", "compile")) or name in ("profile", "tune",
+                                                                    "attention")
         return name in sections or ("all" in sections and not optional)
 
     steps: list[tuple[str, Callable[[], None]]] = [
@@ -841,6 +880,7 @@ def main() -> None:
             small, [int(x) for x in args.compile_batches.split(",")])),
         ("compilewarm", lambda: bench.compile_warm_start(small, args.compile_batch)),
         ("tune", lambda: bench.tune(small, args.tune_batch, args.tune_variants.split(","))),
+        ("attention", lambda: bench.attention(small, args.tune_batch)),
     ]
     for name, run in steps:
         if not want(name):

@@ -26,6 +26,7 @@ from media.latentsync.config import UNetConfig
 from media.latentsync.face import track_clip
 from media.latentsync.pipeline import LatentSyncModels, NoisePredictor
 from media.latentsync.renderer import LatentSyncRenderer
+from media.latentsync.unet import UNet3DConditionModel
 from media.latentsync.vae import LatentCodec
 from media.latentsync.whisper import load_whisper_encoder
 from tests.conftest import SHARED
@@ -65,6 +66,18 @@ def all_devices() -> list[int]:
 
 def tiny_unet_config() -> UNetConfig:
     return UNetConfig.from_json(fixtures_dir() / "tiny_unet_config.json")
+
+
+def tiny_unet_for_runners() -> UNet3DConditionModel:
+    """The fixture UNet; seeded random weights of its architecture where only the config
+    travelled (the GPU machine: the weights file does not fit beside the wheels). For
+    tests that compare one way of running the UNet with another, not with golden data."""
+    weights = fixtures_dir() / "tiny_unet_weights.safetensors"
+    if weights.is_file():
+        return load_unet(tiny_unet_config(), weights)
+    with torch.random.fork_rng(all_devices()):
+        torch.manual_seed(0)
+        return UNet3DConditionModel(tiny_unet_config()).eval().requires_grad_(False)
 
 
 @functools.cache

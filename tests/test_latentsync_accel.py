@@ -8,9 +8,6 @@ import pytest
 import torch
 
 from media.latentsync.accel import (
-    AotKey,
-    AotMismatchError,
-    AotPredictor,
     CompiledPredictor,
     GraphPredictor,
     NoisePredictor,
@@ -19,10 +16,10 @@ from media.latentsync.accel import (
     denoise,
     make_scheduler,
 )
-from media.latentsync.checkpoint import load_unet
 from media.latentsync.config import UNetConfig
 from media.latentsync.unet import DeepCacheState, UNet3DConditionModel
 from media.latentsync.verify import relative_error
+from tests.latentsyncutil import tiny_unet_for_runners
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("torch_one_thread")]
 
@@ -31,13 +28,8 @@ STEPS = 9
 
 
 @pytest.fixture(scope="module")
-def unet(shared_dir: Path) -> UNet3DConditionModel:
-    fixtures = shared_dir / "fixtures"
-    weights = fixtures / "tiny_unet_weights.safetensors"
-    if not weights.is_file():  # a GPU machine gets the config only (see the two-GPU test)
-        pytest.skip(f"{weights} is not present")
-    config = UNetConfig.from_json(fixtures / "tiny_unet_config.json")
-    return load_unet(config, weights)
+def unet() -> UNet3DConditionModel:
+    return tiny_unet_for_runners()
 
 
 def chunk_inputs(
@@ -125,44 +117,6 @@ def test_dpm_solver_runs_the_requested_steps(unet: UNet3DConditionModel) -> None
     assert fast.shape == exact.shape == (B, 4, F, H, W)
     assert torch.isfinite(fast).all()
     assert torch.equal(run(PlainUNet(unet), 5, steps=8, kind="dpm++"), fast)
-
-
-def test_aot_key_names_every_dependency(unet: UNet3DConditionModel) -> None:
-    sample, audio = (2, 13, 16, 32, 32), (32, 50, 384)
-    key = AotKey.of(unet, sample, audio, "ckpt-a")
-    assert key.gpu == "cpu" and key.dtype == "float32" and key.torch_version == torch.__version__
-    assert AotKey.of(unet, sample, audio, "ckpt-a").filename() == key.filename()
-    others = [
-        AotKey.of(unet, (4, 13, 16, 32, 32), (64, 50, 384), "ckpt-a"),
-        AotKey.of(unet, sample, audio, "ckpt-b"),
-        AotKey.of(unet, sample, audio, "ckpt-a", weights="so"),
-    ]
-    assert all(other.filename() != key.filename() for other in others)
-    bigger = UNet3DConditionModel(UNetConfig(block_out_channels=(32, 64, 64, 128)))
-    assert AotKey.of(bigger, sample, audio, "ckpt-a").config_sha256 != key.config_sha256
-
-
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
-def test_aot_artifact_compiles_once_loads_from_disk_and_refuses_other_weights(
-    unet: UNet3DConditionModel, tmp_path: Path
-) -> None:
-    """torch.export + AOTInductor with the weights in a separate blob (the CPU build here;
-    a minute or two of C++ compiling). The second start loads the keyed artifact."""
-    sample, audio = (2, 13, 16, H, W), (32, 50, 384)
-    first = AotPredictor.load_or_compile(unet, sample, audio, tmp_path, "fixture")
-    path = tmp_path / AotKey.of(unet, sample, audio, "fixture").filename()
-    assert first.compiled_now and first.path == path and path.is_file()
-    assert first.verified_error < 1e-4  # fp32 on the CPU: the same arithmetic, reordered
-    second = AotPredictor.load_or_compile(unet, sample, audio, tmp_path, "fixture")
-    assert not second.compiled_now and second.seconds < first.seconds
-    x, a = torch.randn(sample), torch.randn(audio)
-    with torch.inference_mode():
-        assert torch.equal(second(x, 500, a), first(x, 500, a))
-    # Other weights under a stale identity: the load's check catches the artifact.
-    changed = UNet3DConditionModel(unet.config).eval()
-    with pytest.raises(AotMismatchError, match="delete the artifact"):
-        AotPredictor.load_or_compile(changed, sample, audio, tmp_path, "fixture")
 
 
 def test_compiled_predictor_compiles_each_forward_kind_once(

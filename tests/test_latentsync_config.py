@@ -21,6 +21,7 @@ from media.avatar import Avatar
 from media.default_avatar import ensure_default_avatar
 from media.latentsync import accel
 from media.latentsync.accel import CompiledPredictor, GraphPredictor, UNetPredictor
+from media.latentsync.aot import AotPredictor
 from media.latentsync.audio_features import AudioFeatureExtractor
 from media.latentsync.config import UNetConfig
 from media.latentsync.pipeline import LatentSyncModels
@@ -252,3 +253,67 @@ def test_turn_start_setting_applies_to_calls_holding_a_turns_first_chunk(avatar:
     assert np.array_equal(later_out, exact([later])[0])
     for mine, reference in zip(mixed, cached([later, start]), strict=True):
         assert np.array_equal(mine, reference)
+
+
+# --- ahead-of-time artifacts ---------------------------------------------------------
+
+
+def test_aot_setting_gives_the_ahead_of_time_runner(tmp_path: Any) -> None:
+    assert LatentSyncConfig().aot is False
+    with pytest.raises(ConfigError, match="compile and aot"):
+        AgentConfig().with_overrides({"renderer.latentsync.compile": True,
+                                      "renderer.latentsync.aot": True})
+    config = LatentSyncConfig(aot=True, aot_cache_dir=tmp_path, max_batch=3,
+                              deepcache_interval=3)
+    predictor = noise_predictor_for(config, tiny_models())
+    assert isinstance(predictor, AotPredictor)
+    assert (predictor.max_rows, predictor.cache_dir) == (6, tmp_path)
+    assert predictor.kinds() == ("refresh", "shallow")
+    assert noise_predictor_for(config, tiny_models(), 1).kinds() == ("exact",)  # type: ignore[attr-defined]
+
+
+@DPM_WARNING
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+def test_aot_runner_is_prepared_at_warmup_and_renders_what_eager_renders(
+    avatar: Avatar, tmp_path: Any
+) -> None:
+    """The renderer's warm-up readies every forward kind before the first chunk. The
+    exported programs stand in for the compiled artifacts here (the same graphs, run by
+    PyTorch; the slow test in test_latentsync_aot compiles one)."""
+    models = tiny_models()
+    aot = AotPredictor(models.unet, 3, cache_dir=tmp_path, max_rows=4, backend="export")
+    made = renderer(avatar, models, **FAST, max_batch=2, noise_predictor=aot)
+    made.warmup()
+    assert sorted(load.kind for load in aot.loads) == ["refresh", "shallow"]
+    batch = [chunk(avatar), chunk(avatar, 7, index=1)]
+    ahead = frames_of(made, batch)
+    assert len(aot.loads) == 2  # nothing compiled or loaded while rendering
+    eager = frames_of(renderer(avatar, models, **FAST), batch)
+    for mine, reference in zip(ahead, eager, strict=True):
+        assert mine.shape == reference.shape
+        assert np.abs(mine.astype(int) - reference).max() <= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                            "ignore::UserWarning")
+def test_aot_artifacts_under_cuda_graphs_render_what_eager_renders(
+    avatar: Avatar, tmp_path: Any
+) -> None:
+    """AOTInductor on CUDA: the weightless artifact compiles, binds the GPU weights, is
+    captured into CUDA graphs per batch size, and the next renderer loads it."""
+    models = random_tiny_models("cuda")
+    batch = [chunk(avatar), chunk(avatar, 7, index=1)]
+    settings = {"max_batch": 2, "aot": True, "aot_cache_dir": tmp_path}
+    first = renderer(avatar, models, **settings)
+    first.warmup()
+    ahead = frames_of(first, batch)
+    eager = frames_of(renderer(avatar, models, cuda_graphs=False), batch)
+    for mine, reference in zip(ahead, eager, strict=True):
+        assert np.abs(mine.astype(int) - reference).max() <= 3
+    again = noise_predictor_for(LatentSyncConfig(inference_steps=2, **settings), models)
+    assert isinstance(again, AotPredictor)
+    renderer(avatar, models, **settings, noise_predictor=again).warmup()
+    assert [(load.kind, load.compiled_now) for load in again.loads] == [("exact", False)]

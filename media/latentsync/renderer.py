@@ -18,7 +18,9 @@ The sampler and the UNet runner come from config (`sampler`, `deepcache_interval
 `noise_predictor_for` and `scheduler_for`. With CUDA graphs, `warmup` captures one
 graph per batch size up to `max_batch`, so no capture stalls a live chunk; with
 `compile` also on, it first compiles the UNet for those shapes (Inductor;
-minutes cold, seconds from `compile_cache_dir`).
+minutes cold, seconds from `compile_cache_dir`); with `aot` instead, it loads the
+ahead-of-time artifacts from `aot_cache_dir` (compiling and storing them on the
+first start: `media.latentsync.aot`) and captures those.
 
 Face inputs (tracks and VAE latents of every source frame, `AvatarFaces`) are
 cached per avatar; `prepare_avatar` computes them ahead of the avatar's first
@@ -46,6 +48,7 @@ from agent.errors import ConfigError, GpuOutOfMemory, NotFound, RenderError
 from media.avatar import Avatar
 from media.latentsync import accel
 from media.latentsync.accel import CompiledPredictor, GraphPredictor, UNetPredictor
+from media.latentsync.aot import AotPredictor
 from media.latentsync.audio_features import AudioFeatureExtractor, required_samples
 from media.latentsync.checkpoint import load_unet
 from media.latentsync.config import UNetConfig
@@ -168,8 +171,12 @@ def noise_predictor_for(config: LatentSyncConfig, models: LatentSyncModels,
                         interval: int | None = None) -> NoisePredictor:
     """The UNet runner that `config` asks for: CUDA-graph replay on a CUDA device when
     `cuda_graphs` (the CPU has no graphs: eager there), compiled under the graphs when
-    `compile`, DeepCache when `deepcache_interval` (or `interval`) > 1."""
+    `compile`, DeepCache when `deepcache_interval` (or `interval`) > 1; `aot`: ahead-of-time
+    artifacts (under the graphs on CUDA, run directly elsewhere)."""
     interval = config.deepcache_interval if interval is None else interval
+    if config.aot:
+        return AotPredictor(models.unet, interval, cache_dir=config.aot_cache_dir,
+                            max_rows=2 * config.max_batch, graphs=config.cuda_graphs)
     if config.cuda_graphs and models.device.type == "cuda":
         if config.compile:
             use_compile_cache(config.compile_cache_dir)

@@ -1,0 +1,385 @@
+"""Ahead-of-time compiled UNet: torch.export + AOTInductor artifacts cached on disk.
+
+A server that compiles with `torch.compile` spends minutes per forward kind on
+its first start and still re-traces on every later one. Here each forward kind
+the pipeline uses (the exact UNet; DeepCache's refresh and shallow passes) is
+exported once with a symbolic batch (1..`max_rows` rows, so one artifact serves
+every batch size), compiled by AOTInductor to a package on disk, and later
+starts only load it (a shared library: seconds).
+
+The artifacts hold no weights (`aot_inductor.package_constants_in_so=False`, and
+no tensor inlined into the code): at load the live UNet's parameters are bound to
+the compiled model in place, so the GPU keeps one copy, the package is a few MB
+instead of the UNet's 2.4 GB, and one artifact serves every checkpoint of the
+same architecture. (Packages with the 2.4 GB of weights inside segfaulted in
+torch 2.11's CUDA package loader, weights in the .so or in a separate blob.)
+
+The cache key names everything an artifact depends on: the UNet config, dtype,
+forward kind, per-row input shapes, batch range, GPU model and torch version.
+Every load is checked against the eager UNet before use.
+
+`AotPredictor` is a `GraphPredictor` whose forwards are these artifacts: on CUDA
+each batch size is still captured into CUDA graphs at warm-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend
+
+from media.latentsync.accel import GraphPredictor
+from media.latentsync.unet import DeepCacheState, UNet3DConditionModel
+
+# Names the export/compile recipe below; change it when the recipe changes.
+AOT_RECIPE = "export-dynamic-batch+aoti-weightless-v3"
+# No weights in the package, and none inlined into the generated code (Inductor
+# would otherwise bake small tensors, such as a 4-channel bias, in as literals).
+AOT_INDUCTOR_CONFIGS: dict[str, Any] = {
+    "aot_inductor.package_constants_in_so": False,
+    "always_keep_tensor_constants": True,
+}
+# Relative L2 between an artifact's and the eager UNet's outputs that a load accepts:
+# fused fp16 kernels round differently (about 1e-3); a wrong weight is far above 1e-2.
+AOT_TOLERANCE = 1e-2
+
+AotKind = Literal["exact", "refresh", "shallow"]
+Backend = Literal["aoti", "export"]
+
+
+class AotMismatchError(RuntimeError):
+    """An artifact does not fit the UNet it is loaded for, or computes something else."""
+
+
+@dataclass(frozen=True, slots=True)
+class AotKey:
+    """What an artifact depends on; its digest names the file."""
+
+    config_sha256: str  # the UNet architecture (UNetConfig as JSON)
+    dtype: str
+    kind: str  # AotKind
+    row_shape: tuple[int, ...]  # one row of the sample: (13, F, h, w)
+    audio_row_shape: tuple[int, ...]  # one row of the audio features: (50, 384)
+    max_rows: int  # the batch dimension is symbolic in 1..max_rows
+    gpu: str  # torch.cuda.get_device_name, or "cpu"
+    torch_version: str
+    recipe: str = AOT_RECIPE
+
+    @classmethod
+    def of(
+        cls,
+        unet: UNet3DConditionModel,
+        kind: AotKind,
+        row_shape: Sequence[int],
+        audio_row_shape: Sequence[int],
+        max_rows: int,
+    ) -> AotKey:
+        param = next(unet.parameters())
+        config = json.dumps(asdict(unet.config), sort_keys=True, default=list)
+        device = param.device
+        return cls(
+            config_sha256=hashlib.sha256(config.encode()).hexdigest(),
+            dtype=str(param.dtype).removeprefix("torch."),
+            kind=kind,
+            row_shape=tuple(row_shape),
+            audio_row_shape=tuple(audio_row_shape),
+            max_rows=max_rows,
+            gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            torch_version=torch.__version__,
+        )
+
+    def filename(self) -> str:
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+        shape = "x".join(str(n) for n in self.row_shape)
+        return f"latentsync_unet_{self.kind}_{self.dtype}_{shape}_{digest[:16]}.pt2"
+
+
+class AotForward(nn.Module):
+    """One forward kind of the UNet as a module to export; its weights are `unet.*`.
+
+    exact: (sample, t, audio) -> noise; refresh: -> (noise, deep features);
+    shallow: (sample, t, audio, deep) -> noise (see `DeepCacheState`).
+    """
+
+    def __init__(self, unet: UNet3DConditionModel, kind: AotKind) -> None:
+        super().__init__()
+        self.unet = unet
+        self.kind = kind
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        audio: torch.Tensor,
+        deep: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "exact":
+            out: torch.Tensor = self.unet(sample, timestep, audio)
+            return out
+        if self.kind == "refresh":
+            cache = DeepCacheState(refresh=True)
+            out = self.unet(sample, timestep, audio, cache=cache)
+            assert cache.deep is not None
+            return out, cache.deep
+        shallow: torch.Tensor = self.unet(
+            sample, timestep, audio, cache=DeepCacheState(refresh=False, deep=deep)
+        )
+        return shallow
+
+
+@dataclass(frozen=True, slots=True)
+class AotLoad:
+    """How one artifact got ready: compiled now (and stored) or loaded from disk."""
+
+    kind: AotKind
+    path: Path
+    compiled_now: bool
+    seconds: float  # export + compile + load, or load alone (the check excluded)
+    error: float  # relative L2 against the eager UNet at load
+
+
+def example_inputs(
+    unet: UNet3DConditionModel,
+    kind: AotKind,
+    row_shape: Sequence[int],
+    audio_row_shape: Sequence[int],
+    rows: int,
+) -> tuple[torch.Tensor, ...]:
+    """Seeded random inputs of `rows` rows for `kind` (shallow: deep features included)."""
+    param = next(unet.parameters())
+    gen = torch.Generator(param.device).manual_seed(rows)
+    frames = row_shape[1]
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=param.device, dtype=param.dtype)
+
+    sample = rand(rows, *row_shape)
+    audio = rand(rows * frames, *audio_row_shape)
+    timestep = torch.full((1,), 500, device=param.device, dtype=torch.long)
+    if kind != "shallow":
+        return sample, timestep, audio
+    cache = DeepCacheState(refresh=True)
+    with torch.inference_mode():
+        unet(sample, timestep, audio, cache=cache)
+    assert cache.deep is not None
+    return sample, timestep, audio, cache.deep.clone()
+
+
+def export_forward(
+    unet: UNet3DConditionModel,
+    kind: AotKind,
+    row_shape: Sequence[int],
+    audio_row_shape: Sequence[int],
+    max_rows: int,
+) -> torch.export.ExportedProgram:
+    """torch.export of one forward kind with the batch symbolic in 1..max_rows."""
+    if max_rows < 2:
+        raise ValueError(f"max_rows must be >= 2 (the export's example has 2), got {max_rows}")
+    frames = row_shape[1]
+    rows = torch.export.Dim("rows", min=1, max=max_rows)
+    example = example_inputs(unet, kind, row_shape, audio_row_shape, 2)
+    dynamic: list[Any] = [{0: rows}, None, {0: rows * frames}]
+    if kind == "shallow":
+        dynamic.append({0: rows})
+    with torch.no_grad():
+        return torch.export.export(
+            AotForward(unet, kind).eval(), example, dynamic_shapes=tuple(dynamic)
+        )
+
+
+def load_or_compile(
+    unet: UNet3DConditionModel,
+    kind: AotKind,
+    row_shape: Sequence[int],
+    audio_row_shape: Sequence[int],
+    max_rows: int,
+    cache_dir: Path,
+    *,
+    single_threaded: bool = False,
+    backend: Backend = "aoti",
+) -> tuple[Any, AotLoad]:
+    """The runner of one forward kind, with this UNet's weights bound, and how it got ready.
+
+    backend "aoti": the artifact from `cache_dir`, compiled and stored first if absent.
+    "export": the exported program run by PyTorch (no compiling, nothing stored; tests
+    and debugging). `single_threaded`: AOTInductor's mode for running under CUDA graphs.
+    """
+    start = time.perf_counter()
+    key = AotKey.of(unet, kind, row_shape, audio_row_shape, max_rows)
+    path = Path(cache_dir).expanduser() / key.filename()
+    runner: Any
+    with torch.inference_mode(False):
+        if backend == "export":
+            runner = export_forward(unet, kind, row_shape, audio_row_shape, max_rows).module()
+            compiled_now = True
+        else:
+            compiled_now = not path.is_file()
+            if compiled_now:
+                program = export_forward(unet, kind, row_shape, audio_row_shape, max_rows)
+                _store_package(program, path)
+            runner = torch._inductor.aoti_load_package(
+                str(path), run_single_threaded=single_threaded
+            )
+            _bind_weights(runner, AotForward(unet, kind), path)
+    seconds = time.perf_counter() - start
+    error = _check(runner, unet, kind, row_shape, audio_row_shape, path)
+    return runner, AotLoad(kind, path, compiled_now, seconds, error)
+
+
+def _store_package(program: torch.export.ExportedProgram, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # AOTI wants a .pt2 suffix
+    try:
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(tmp), inductor_configs=AOT_INDUCTOR_CONFIGS
+        )
+        os.replace(tmp, path)  # atomic: a concurrent loader sees no half-written file
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _bind_weights(runner: Any, module: nn.Module, path: Path) -> None:
+    """Point the artifact's constants at the module's own tensors (no copy), all of them."""
+    state = module.state_dict()
+    names = list(runner.get_constant_fqns())
+    unknown = [name for name in names if name not in state]
+    baked = [name for name in state if name not in set(names)]
+    if unknown or baked:
+        what = (f"reads tensors this UNet lacks ({', '.join(unknown[:3])})" if unknown
+                else f"has weights compiled in ({', '.join(baked[:3])})")
+        raise AotMismatchError(f"{path}: the artifact {what}; delete it to recompile")
+    runner.load_constants({name: state[name] for name in names}, check_full_update=True,
+                          user_managed=True)
+
+
+def _check(
+    runner: Any,
+    unet: UNet3DConditionModel,
+    kind: AotKind,
+    row_shape: Sequence[int],
+    audio_row_shape: Sequence[int],
+    path: Path,
+) -> float:
+    """Relative L2 of one 2-row call against eager; a stale or mis-bound artifact fails."""
+    inputs = example_inputs(unet, kind, row_shape, audio_row_shape, 2)
+    eager = AotForward(unet, kind)
+    with torch.inference_mode():
+        expected, actual = eager(*inputs), runner(*inputs)
+    expected_t = torch.cat([t.flatten() for t in _tensors(expected)]).double()
+    actual_t = torch.cat([t.flatten() for t in _tensors(actual)]).double()
+    error = float((actual_t - expected_t).norm() / expected_t.norm())
+    if not error < AOT_TOLERANCE:
+        raise AotMismatchError(
+            f"{path}: the compiled {kind} forward differs from the eager UNet by {error:.3g}"
+            f" (relative L2, limit {AOT_TOLERANCE}); delete the artifact to recompile"
+        )
+    return error
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+class AotPredictor(GraphPredictor):
+    """`GraphPredictor` over AOTInductor artifacts of the UNet's forward kinds.
+
+    The artifacts (see the module docstring) are loaded, or compiled and stored,
+    the first time a kind runs: at `warmup`, which on CUDA then captures the batch
+    size into CUDA graphs as `GraphPredictor` does. Without CUDA graphs (the CPU,
+    or `graphs=False`) the artifacts run directly. `max_rows`: the largest UNet
+    batch (2 x chunks with guidance). `loads` says how each artifact got ready.
+    """
+
+    def __init__(
+        self,
+        unet: UNet3DConditionModel,
+        cache_interval: int = 1,
+        sdpa: Sequence[SDPBackend] | None = None,
+        *,
+        cache_dir: Path,
+        max_rows: int,
+        graphs: bool = True,
+        backend: Backend = "aoti",
+    ) -> None:
+        super().__init__(unet, cache_interval, sdpa)
+        self.cache_dir = Path(cache_dir)
+        self.max_rows = max(2, max_rows)
+        self.backend: Backend = backend
+        self._graphs_on = graphs and next(unet.parameters()).device.type == "cuda"
+        self._runners: dict[AotKind, Any] = {}
+        self._cache = DeepCacheState() if cache_interval > 1 else None
+        self.loads: list[AotLoad] = []
+
+    def kinds(self) -> tuple[AotKind, ...]:
+        """The forward kinds this predictor runs."""
+        return ("refresh", "shallow") if self._clock.interval > 1 else ("exact",)
+
+    def prepare(self, sample_shape: Sequence[int], audio_shape: Sequence[int]) -> None:
+        """Load (or compile) the artifacts for inputs of these per-row shapes now."""
+        for kind in self.kinds():
+            self._runner(kind, tuple(sample_shape), tuple(audio_shape))
+
+    def warmup(self, sample_shape: Sequence[int], audio_shape: Sequence[int]) -> None:
+        self.prepare(sample_shape, audio_shape)
+        if self._graphs_on:
+            super().warmup(sample_shape, audio_shape)
+
+    def reset(self) -> None:
+        super().reset()
+        if self._cache is not None:
+            self._cache.deep = None
+
+    @torch.inference_mode()
+    def __call__(
+        self, latent_model_input: torch.Tensor, t: torch.Tensor | int, audio: torch.Tensor
+    ) -> torch.Tensor:
+        if self._graphs_on:
+            return super().__call__(latent_model_input, t, audio)
+        refresh = self._clock.tick()
+        timestep = torch.as_tensor(t, device=audio.device).reshape(1)
+        return self._forward(latent_model_input, timestep, audio, self._cache, refresh=refresh)
+
+    def _runner(
+        self, kind: AotKind, sample_shape: tuple[int, ...], audio_shape: tuple[int, ...]
+    ) -> Any:
+        if kind not in self._runners:
+            runner, load = load_or_compile(
+                self.unet, kind, sample_shape[1:], audio_shape[1:], self.max_rows,
+                self.cache_dir, single_threaded=self._graphs_on, backend=self.backend,
+            )
+            self._runners[kind] = runner
+            self.loads.append(load)
+        return self._runners[kind]
+
+    def _forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        audio: torch.Tensor,
+        cache: DeepCacheState | None,
+        *,
+        refresh: bool,
+    ) -> torch.Tensor:
+        if sample.shape[0] > self.max_rows:
+            raise ValueError(
+                f"a UNet batch of {sample.shape[0]} rows exceeds the compiled {self.max_rows}"
+            )
+        shapes = (tuple(sample.shape), tuple(audio.shape))
+        out: torch.Tensor
+        if cache is None:
+            out = self._runner("exact", *shapes)(sample, timestep, audio)
+        elif refresh:
+            out, cache.deep = self._runner("refresh", *shapes)(sample, timestep, audio)
+        else:
+            deep = UNet3DConditionModel._cached_deep(cache, sample)
+            out = self._runner("shallow", *shapes)(sample, timestep, audio, deep)
+        return out

@@ -1,0 +1,143 @@
+"""Ahead-of-time UNet at tiny size: keys, export of each forward kind with a symbolic
+batch, the predictor's dispatch, and (slow) a real AOTInductor artifact on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from media.latentsync.accel import UNetPredictor, denoise, make_scheduler
+from media.latentsync.aot import (
+    AotForward,
+    AotKey,
+    AotMismatchError,
+    AotPredictor,
+    example_inputs,
+    export_forward,
+)
+from media.latentsync.config import UNetConfig
+from media.latentsync.unet import UNet3DConditionModel
+from media.latentsync.verify import relative_error
+from tests.latentsyncutil import tiny_unet_for_runners
+
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("torch_one_thread")]
+
+F, H, W = 16, 8, 8
+ROW, AUDIO_ROW = (13, F, H, W), (50, 384)
+# Export traces through diffusers and torch internals that warn about their own APIs.
+EXPORT_WARNINGS = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning"
+)
+
+
+@pytest.fixture(scope="module")
+def unet() -> UNet3DConditionModel:
+    return tiny_unet_for_runners()
+
+
+def loop(predictor: UNetPredictor | AotPredictor, chunks: int, seed: int) -> torch.Tensor:
+    """The exact-settings loop (8 DDIM steps here) over `chunks` chunks with guidance."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(chunks, 4, F, H, W, generator=gen)
+    conditions = torch.randn(chunks, 9, F, H, W, generator=gen).repeat(2, 1, 1, 1, 1)
+    speech = torch.randn(chunks * F, *AUDIO_ROW, generator=gen)
+    audio = torch.cat([torch.zeros_like(speech), speech])
+    with torch.inference_mode():
+        return denoise(predictor, make_scheduler("ddim"), noise, conditions, audio, steps=8)
+
+
+def test_aot_key_names_every_dependency(unet: UNet3DConditionModel) -> None:
+    key = AotKey.of(unet, "exact", ROW, AUDIO_ROW, 8)
+    assert key.gpu == "cpu" and key.dtype == "float32" and key.torch_version == torch.__version__
+    assert AotKey.of(unet, "exact", ROW, AUDIO_ROW, 8).filename() == key.filename()
+    others = [
+        AotKey.of(unet, "refresh", ROW, AUDIO_ROW, 8),
+        AotKey.of(unet, "exact", (13, F, 2 * H, 2 * W), AUDIO_ROW, 8),
+        AotKey.of(unet, "exact", ROW, AUDIO_ROW, 16),
+    ]
+    assert len({k.filename() for k in others} | {key.filename()}) == 4
+    bigger = UNet3DConditionModel(UNetConfig(block_out_channels=(32, 64, 64, 128)))
+    assert AotKey.of(bigger, "exact", ROW, AUDIO_ROW, 8).config_sha256 != key.config_sha256
+
+
+@EXPORT_WARNINGS
+@pytest.mark.parametrize("kind", ["exact", "refresh", "shallow"])
+def test_each_forward_kind_exports_with_a_symbolic_batch(
+    unet: UNet3DConditionModel, kind: str
+) -> None:
+    """One export serves 1..max_rows rows, and computes what the eager forward does."""
+    program = export_forward(unet, kind, ROW, AUDIO_ROW, max_rows=6)  # type: ignore[arg-type]
+    module = program.module()
+    eager = AotForward(unet, kind)  # type: ignore[arg-type]
+    for rows in (1, 3, 6):
+        inputs = example_inputs(unet, kind, ROW, AUDIO_ROW, rows)  # type: ignore[arg-type]
+        with torch.inference_mode():
+            expected, got = eager(*inputs), module(*inputs)
+        pairs = zip(expected, got, strict=True) if kind == "refresh" else [(expected, got)]
+        for want, have in pairs:
+            assert have.shape[0] == rows
+            assert relative_error(have, want) < 1e-5
+    too_many = example_inputs(unet, kind, ROW, AUDIO_ROW, 7)  # type: ignore[arg-type]
+    with pytest.raises(Exception, match="<= 6"), torch.inference_mode():
+        module(*too_many)
+
+
+@EXPORT_WARNINGS
+def test_predictor_runs_deepcache_and_exact_loops_as_eager_does(
+    unet: UNet3DConditionModel, tmp_path: Path
+) -> None:
+    """The predictor's dispatch (exact; refresh then shallow steps) over exported
+    forwards gives the eager loops' results, at two batch sizes."""
+    for interval in (1, 3):
+        aot = AotPredictor(unet, interval, cache_dir=tmp_path, max_rows=4, backend="export")
+        aot.warmup((4, *ROW), (4 * F, *AUDIO_ROW))
+        assert sorted(load.kind for load in aot.loads) == sorted(aot.kinds())
+        assert all(load.error < 1e-5 for load in aot.loads)
+        for chunks in (1, 2):
+            expected = loop(UNetPredictor(unet, interval), chunks, seed=chunks)
+            assert relative_error(loop(aot, chunks, seed=chunks), expected) < 1e-5
+        with pytest.raises(ValueError, match="6 rows exceeds the compiled 4"):
+            loop(aot, 3, seed=0)
+    assert not list(tmp_path.iterdir())  # the export backend stores nothing
+
+
+@pytest.mark.slow
+@EXPORT_WARNINGS
+def test_aot_artifact_compiles_once_then_loads_and_runs_any_checkpoint(
+    unet: UNet3DConditionModel, tmp_path: Path
+) -> None:
+    """A real AOTInductor artifact (the CPU build here; a minute or two of C++ compiling):
+    stored under its key without the weights, loaded by the next start, the batch
+    symbolic, and bound to whichever UNet of this architecture loads it."""
+    first = AotPredictor(unet, cache_dir=tmp_path, max_rows=4)
+    first.prepare((2, *ROW), (2 * F, *AUDIO_ROW))
+    [made] = first.loads
+    assert made.compiled_now and made.error < 1e-4 and made.path.is_file()
+    assert made.path.name == AotKey.of(unet, "exact", ROW, AUDIO_ROW, 4).filename()
+    weights = sum(t.numel() * t.element_size() for t in unet.state_dict().values())
+    assert made.path.stat().st_size < weights / 2  # the code only, not the weights
+    for chunks in (1, 2):
+        expected = loop(UNetPredictor(unet), chunks, seed=chunks)
+        assert relative_error(loop(first, chunks, seed=chunks), expected) < 1e-4
+
+    # The next start, with another checkpoint of the same config: loaded, not compiled.
+    other = UNet3DConditionModel(unet.config).eval()
+    second = AotPredictor(other, cache_dir=tmp_path, max_rows=4)
+    second.prepare((2, *ROW), (2 * F, *AUDIO_ROW))
+    [loaded] = second.loads
+    assert not loaded.compiled_now and loaded.path == made.path
+    assert loaded.seconds < made.seconds / 10
+    expected = loop(UNetPredictor(other), 2, seed=5)
+    assert relative_error(loop(second, 2, seed=5), expected) < 1e-4
+    assert relative_error(loop(second, 2, seed=5), loop(first, 2, seed=5)) > 0.01
+
+    # A UNet missing a tensor the artifact reads: a clear error naming it.
+    broken = UNet3DConditionModel(unet.config).eval()
+    del broken.conv_in.bias
+    broken.conv_in.register_parameter("bias", None)
+    with pytest.raises(AotMismatchError, match=r"conv_in\.bias.*delete it to recompile"):
+        AotPredictor(broken, cache_dir=tmp_path, max_rows=4).prepare(
+            (2, *ROW), (2 * F, *AUDIO_ROW)
+        )
