@@ -76,14 +76,18 @@ def add_runner_options(p: argparse.ArgumentParser) -> None:
                    " changes with their reasons)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet under the graphs (renderer.latentsync.compile)")
+    p.add_argument("--aot", type=Path, metavar="DIR",
+                   help="ahead-of-time artifacts in DIR (renderer.latentsync.aot): the first"
+                   " run compiles and stores them, a second run shows the warm start")
     p.add_argument("--turn-start-deepcache", type=int, default=1,
                    help="renderer.latentsync.turn_start_deepcache_interval (1: off)")
 
 
 def runner_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The UNet runner's config fields from the command line (same for every sampler)."""
+    aot = {"aot": True, "aot_cache_dir": args.aot} if args.aot else {}
     return {"cuda_graphs": not args.no_graphs, "compile": args.compile,
-            "turn_start_deepcache_interval": args.turn_start_deepcache}
+            "turn_start_deepcache_interval": args.turn_start_deepcache, **aot}
 
 
 def log(msg: str) -> None:
@@ -383,6 +387,7 @@ def describe_settings(s: dict[str, Any]) -> str:
     cache = f" + DeepCache {s['deepcache_interval']}" if s["deepcache_interval"] > 1 else ""
     graphs = ", CUDA graphs" if s["cuda_graphs"] else ""
     graphs += " + torch.compile" if s.get("compile") else ""
+    graphs += " + AOTInductor" if s.get("aot") else ""
     start = s.get("turn_start_deepcache_interval", 1)
     graphs += f", turn starts DeepCache {start}" if start > 1 else ""
     return f"{s['sampler']} {s['inference_steps']} steps{cache}{graphs}"

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU measurements of a device-tool session, step by step, each under its own time
+# limit, each writing its log (and tables) under $OUT as it goes: a step killed at its
+# limit still leaves what it printed and the rows it finished.
+#
+#   bash bench/device_session.sh setup tests:150 attention:150 aot:330
+#
+# STEP[:SECONDS] (default 300). Carry `.whl` (the wheels the machine lacks: diffusers,
+# av, websockets, pytest and their needs) and `.gpucheck` (the tiny UNet config; the
+# ../shared folder does not travel).
+set -u
+OUT=${OUT:-out/device}
+mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
+CONFIG=media/latentsync/configs/stage2.json
+BENCH="python3 bench/latentsync_bench.py --config $CONFIG"
+
+step() {  # step NAME LIMIT COMMAND...: run it, log to $OUT/NAME.log, show the log's end
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit} s) from $(date +%T)"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "== $name: exit $? at $(date +%T)"
+    grep -v -i -e warn -e "^  " "$OUT/$name.log" | tail -n 30
+}
+
+for arg in "$@"; do
+    name=${arg%%:*}
+    limit=${arg#*:}
+    [ "$limit" = "$arg" ] && limit=300
+    case $name in
+    setup)
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --upgrade --target /tmp/site .whl/*.whl || exit 1
+        mkdir -p ../shared/fixtures && cp .gpucheck/* ../shared/fixtures/
+        nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
+        ;;
+    tests) step tests "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests ;;
+    attention)
+        step attention "$limit" $BENCH --sections attention --tune-batch 8 \
+            --budget-s $((limit - 60)) --out "$OUT/attention.md"
+        ;;
+    aot)
+        step aot "$limit" $BENCH --sections aot --aot-batch 8 --aot-dir /tmp/aoti \
+            --out "$OUT/aot.md"
+        ;;
+    tune)
+        step tune "$limit" $BENCH --sections tune --tune-batch 8 --tune-variants default,tuned \
+            --budget-s $((limit - 240)) --out "$OUT/tune.md"
+        ;;
+    compile)
+        step compile "$limit" $BENCH --sections compile --compile-dynamic \
+            --compile-batches 1,8 --budget-s $((limit - 150)) --out "$OUT/compile.md"
+        ;;
+    serve-aot)
+        step serve-aot "$limit" python3 -m bench.gpu_serve --aot /tmp/aoti-serve \
+            --configs exact --users-exact 1,3 --budget-s $((limit - 60)) --out "$OUT/serve"
+        ;;
+    *)
+        echo "unknown step $name (setup, tests, attention, aot, tune, compile, serve-aot)" >&2
+        exit 2
+        ;;
+    esac
+done
