@@ -8,14 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from media.latentsync import aot as aot_module
 from media.latentsync.accel import UNetPredictor, denoise, make_scheduler
 from media.latentsync.aot import (
     AotForward,
     AotKey,
+    AotLoadError,
     AotMismatchError,
     AotPredictor,
     example_inputs,
     export_forward,
+    probe_load,
 )
 from media.latentsync.config import UNetConfig
 from media.latentsync.unet import UNet3DConditionModel
@@ -103,6 +106,24 @@ def test_predictor_runs_deepcache_and_exact_loops_as_eager_does(
     assert not list(tmp_path.iterdir())  # the export backend stores nothing
 
 
+def test_an_artifact_the_loader_rejects_or_crashes_on_is_a_clear_error(
+    unet: UNet3DConditionModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first load of each package happens in a child process: a broken file, or a
+    loader that dies (torch 2.11's CUDA loader segfaulted on large packages), is an
+    error naming the file and what to do, and this process lives on."""
+    path = tmp_path / AotKey.of(unet, "exact", ROW, AUDIO_ROW, 4).filename()
+    path.write_bytes(b"not a zip archive")
+    with pytest.raises(AotLoadError, match=r"loader fails on it.*delete the artifact"):
+        AotPredictor(unet, cache_dir=tmp_path, max_rows=4).prepare(
+            (2, *ROW), (2 * F, *AUDIO_ROW)
+        )
+    assert not (tmp_path / (path.name + ".loads")).exists()
+    monkeypatch.setattr(aot_module, "_PROBE", "import os, signal; os.kill(os.getpid(), 11)")
+    with pytest.raises(AotLoadError, match="killed by signal 11"):
+        probe_load(path)
+
+
 @pytest.mark.slow
 @EXPORT_WARNINGS
 def test_aot_artifact_compiles_once_then_loads_and_runs_any_checkpoint(
@@ -115,6 +136,7 @@ def test_aot_artifact_compiles_once_then_loads_and_runs_any_checkpoint(
     first.prepare((2, *ROW), (2 * F, *AUDIO_ROW))
     [made] = first.loads
     assert made.compiled_now and made.error < 1e-4 and made.path.is_file()
+    assert made.path.with_name(made.path.name + ".loads").is_file()  # probed once
     assert made.path.name == AotKey.of(unet, "exact", ROW, AUDIO_ROW, 4).filename()
     weights = sum(t.numel() * t.element_size() for t in unet.state_dict().values())
     assert made.path.stat().st_size < weights / 2  # the code only, not the weights

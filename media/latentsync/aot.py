@@ -27,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -56,8 +58,25 @@ AotKind = Literal["exact", "refresh", "shallow"]
 Backend = Literal["aoti", "export"]
 
 
-class AotMismatchError(RuntimeError):
+class AotError(RuntimeError):
+    """An artifact cannot be used; the message says which file and what to do."""
+
+
+class AotMismatchError(AotError):
     """An artifact does not fit the UNet it is loaded for, or computes something else."""
+
+
+class AotLoadError(AotError):
+    """torch's package loader fails on an artifact (in a throwaway process)."""
+
+
+# Loads one package in a child process: a loader that crashes (torch 2.11's CUDA loader
+# segfaulted on large packages) takes the child down, not the server.
+_PROBE = (
+    "import sys, torch;"
+    " torch._inductor.aoti_load_package(sys.argv[1], device_index=int(sys.argv[2]))"
+)
+PROBE_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +245,8 @@ def load_or_compile(
             if compiled_now:
                 program = export_forward(unet, kind, row_shape, audio_row_shape, max_rows)
                 _store_package(program, path)
+            device = next(unet.parameters()).device
+            probe_load(path, device.index if device.index is not None else -1)
             runner = torch._inductor.aoti_load_package(
                 str(path), run_single_threaded=single_threaded
             )
@@ -233,6 +254,33 @@ def load_or_compile(
     seconds = time.perf_counter() - start
     error = _check(runner, unet, kind, row_shape, audio_row_shape, path)
     return runner, AotLoad(kind, path, compiled_now, seconds, error)
+
+
+def probe_load(path: Path, device_index: int = -1) -> None:
+    """Load the package once in a child process before this process does, and remember
+    that it loaded (a `.loads` file beside it, newer than the package)."""
+    marker = path.with_name(path.name + ".loads")
+    if marker.is_file() and marker.stat().st_mtime >= path.stat().st_mtime:
+        return
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(path), str(device_index)],
+            capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise AotLoadError(
+            f"{path}: loading it took over {PROBE_TIMEOUT_S:.0f} s in a test process;"
+            " turn renderer.latentsync.aot off, or delete the artifact to recompile"
+        ) from None
+    if child.returncode != 0:
+        lines = child.stderr.strip().splitlines()
+        why = (f"killed by signal {-child.returncode}" if child.returncode < 0
+               else lines[-1] if lines else f"exit status {child.returncode}")
+        raise AotLoadError(
+            f"{path}: torch's AOTInductor loader fails on it in a test process ({why});"
+            " turn renderer.latentsync.aot off, or delete the artifact to recompile"
+        )
+    marker.touch()
 
 
 def _store_package(program: torch.export.ExportedProgram, path: Path) -> None:
