@@ -3,7 +3,7 @@
 # limit, each writing its log (and tables) under $OUT as it goes: a step killed at its
 # limit still leaves what it printed and the rows it finished.
 #
-#   bash bench/device_session.sh setup tests:150 attention:150 aot:330
+#   bash bench/device_session.sh setup tests:150 choices:180 aot:330
 #
 # STEP[:SECONDS] (default 300). Carry `.whl` (the wheels the machine lacks: diffusers,
 # av, websockets, pytest and their needs) and `.gpucheck` (the tiny UNet config; the
@@ -36,9 +36,9 @@ for arg in "$@"; do
         nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
         ;;
     tests) step tests "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests ;;
-    attention)
-        step attention "$limit" $BENCH --sections attention --tune-batch 8 \
-            --budget-s $((limit - 60)) --out "$OUT/attention.md"
+    choices)
+        step choices "$limit" $BENCH --sections choices --tune-batch 8 \
+            --budget-s $((limit - 60)) --out "$OUT/choices.md"
         ;;
     aot)
         step aot "$limit" $BENCH --sections aot --aot-batch 8 --aot-dir /tmp/aoti \
@@ -57,7 +57,7 @@ for arg in "$@"; do
             --configs exact --users-exact 1,3 --budget-s $((limit - 60)) --out "$OUT/serve"
         ;;
     *)
-        echo "unknown step $name (setup, tests, attention, aot, tune, compile, serve-aot)" >&2
+        echo "unknown step $name (setup, tests, choices, aot, tune, compile, serve-aot)" >&2
         exit 2
         ;;
     esac

@@ -36,9 +36,10 @@ variants of the exact 20-step loop at B=`--tune-batch` chunks against plain grap
 the same run: Inductor settings (freezing, 1x1 convolutions as matmuls, coordinate-
 descent tuning, max-autotune) and FP8 linear layers (`media/latentsync/fp8.py`), each
 separately and combined, with cold compile time, the difference from the fp16 graphs and
-a GPU-time breakdown by kernel kind. `attention` runs the exact loop at `--tune-batch`
+a GPU-time breakdown by kernel kind. `choices` runs the exact loop at `--tune-batch`
 chunks under CUDA graphs with each fused SDPA backend pinned (cuDNN, flash,
-memory-efficient) against PyTorch's pick, no compiling.
+memory-efficient), then with cuDNN's convolution autotuning, against PyTorch's
+defaults, no compiling.
 """
 
 from __future__ import annotations
@@ -620,10 +621,11 @@ class Bench:
             gc.collect()
             torch.cuda.empty_cache() if self.cuda else None
 
-    def attention(self, px: int, b: int) -> None:
-        """Exact 20-step loop, B chunks, under CUDA graphs with one fused attention backend
-        pinned for every SDPA call (spatial, audio and temporal attention), against
-        PyTorch's own choice in the same run. No compiling: seconds per row."""
+    def choices(self, px: int, b: int) -> None:
+        """Exact 20-step loop, B chunks, under CUDA graphs, with the library kernels chosen
+        otherwise, against PyTorch's defaults in the same run: one fused attention backend
+        pinned for every SDPA call (spatial, audio and temporal attention), and cuDNN's
+        convolution autotuning (cudnn.benchmark). No compiling: seconds per row."""
         latent = px // 8
         base_s, base_out = self.loop(self.graphs(), b, latent)
         self.add("+ CUDA graphs, attention as PyTorch picks (this run's baseline)", px, b, 20,
@@ -644,6 +646,15 @@ class Bench:
                 gc.collect()
                 torch.cuda.empty_cache() if self.cuda else None
             self.add(f"+ CUDA graphs, {name} attention pinned", px, b, 20, s,
+                     relative_error(out.float(), base_out.float()))
+        if self.time_left():
+            before = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True  # tunes at the warm-up before capture
+            try:
+                s, out = self.loop(self.graphs(), b, latent)
+            finally:
+                torch.backends.cudnn.benchmark = before
+            self.add("+ CUDA graphs, cudnn.benchmark (convolutions autotuned)", px, b, 20, s,
                      relative_error(out.float(), base_out.float()))
 
     def compile_warm_start(self, px: int, b: int) -> None:
@@ -862,7 +873,7 @@ def main() -> None:
 
     def want(name: str) -> bool:
         optional = name.startswith(("aot", "compile")) or name in ("profile", "tune",
-                                                                    "attention")
+                                                                    "choices")
         return name in sections or ("all" in sections and not optional)
 
     steps: list[tuple[str, Callable[[], None]]] = [
@@ -880,7 +891,7 @@ def main() -> None:
             small, [int(x) for x in args.compile_batches.split(",")])),
         ("compilewarm", lambda: bench.compile_warm_start(small, args.compile_batch)),
         ("tune", lambda: bench.tune(small, args.tune_batch, args.tune_variants.split(","))),
-        ("attention", lambda: bench.attention(small, args.tune_batch)),
+        ("choices", lambda: bench.choices(small, args.tune_batch)),
     ]
     for name, run in steps:
         if not want(name):
