@@ -247,9 +247,10 @@ def load_or_compile(
                 program = export_forward(unet, kind, row_shape, audio_row_shape, max_rows)
                 _store_package(program, path)
             device = next(unet.parameters()).device
-            probe_load(path, device.index if device.index is not None else -1)
+            index = device.index if device.index is not None else -1  # -1: the current one
+            probe_load(path, index)
             runner = torch._inductor.aoti_load_package(
-                str(path), run_single_threaded=single_threaded
+                str(path), run_single_threaded=single_threaded, device_index=index
             )
             _bind_weights(runner, AotForward(unet, kind), path)
     seconds = time.perf_counter() - start
