@@ -326,6 +326,15 @@ class AgentServer:
         await self.store.close()
         self.stopped.set()
 
+    def _exit_if_warmup_failed(self, task: asyncio.Task[None]) -> None:
+        """A server that cannot warm up never becomes ready: say why and exit non-zero
+        (a supervisor restarts it or shows the error) instead of answering 503 forever."""
+        if task.cancelled() or task.exception() is None:
+            return
+        print(f"avatar agent: start-up failed: {task.exception()}", file=sys.stderr,
+              flush=True)
+        self.request_stop(exit_code=1)
+
     def request_stop(self, exit_code: int = 0) -> None:
         """Drain and exit (SIGTERM, or the leak guard with a non-zero code)."""
         self.exit_code = self.exit_code or exit_code
@@ -338,6 +347,8 @@ class AgentServer:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, self.request_stop)
         await self.start()
+        assert self._warm_task is not None
+        self._warm_task.add_done_callback(self._exit_if_warmup_failed)
         http_scheme = "https" if self.config.server.tls_cert else "http"
         print(f"avatar agent listening on {self.url}  (health: {http_scheme}://"
               f"{self.config.server.host}:{self.port}/readyz)", flush=True)
@@ -593,7 +604,10 @@ class AgentServer:
         if path == "/readyz":
             ok = self.ready and not self.draining
             status = http.HTTPStatus.OK if ok else http.HTTPStatus.SERVICE_UNAVAILABLE
-            state = "ready" if ok else ("draining" if self.draining else "starting")
+            failed = (self._warm_task is not None and self._warm_task.done()
+                      and not self._warm_task.cancelled() and self._warm_task.exception())
+            state = ("ready" if ok else "draining" if self.draining
+                     else "failed" if failed else "starting")
             return _respond(status, f"{state}\n".encode(), "text/plain")
         if path == "/metrics":
             return _respond(http.HTTPStatus.OK, self.metrics.render(),

@@ -396,3 +396,30 @@ async def test_shared_video_outlives_a_waiter_that_leaves(server: AgentServer) -
     packets = await server._shared_video(key, frames, avatar.fps)
     assert len(packets) == 3 and calls == 1  # the same encode, finished for the stayer
     assert await server._shared_video(key, frames, avatar.fps) is packets
+
+
+async def test_a_failed_warmup_says_why_and_exits_non_zero(
+    avatar_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A renderer that cannot warm up (a broken compiled artifact, say): /readyz says
+    'failed', and `serve` prints the reason and exits 1 instead of waiting forever."""
+    server = AgentServer(small_config(avatar_dir))
+
+    def broken_warmup() -> None:
+        raise RuntimeError("artifact.pt2: the loader fails on it")
+
+    server.renderer.warmup = broken_warmup  # type: ignore[method-assign]
+    code = await asyncio.wait_for(server.serve_forever(), 20)
+    assert code == 1
+    assert "start-up failed: artifact.pt2: the loader fails on it" in capsys.readouterr().err
+
+    again = AgentServer(small_config(avatar_dir))
+    again.renderer.warmup = broken_warmup  # type: ignore[method-assign]
+    await again.start()
+    try:
+        with pytest.raises(RuntimeError, match="loader fails"):
+            await again.wait_ready()
+        status, _, body = await get(again, "/readyz")
+        assert (status, body) == (503, "failed\n")
+    finally:
+        await again.close()
