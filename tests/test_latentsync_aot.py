@@ -28,6 +28,7 @@ from tests.latentsyncutil import tiny_unet_for_runners
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("torch_one_thread")]
 
 F, H, W = 16, 8, 8
+LOOP_TOLERANCE = 1e-3  # compiled vs eager over a whole denoising loop (fp32, reordered sums)
 ROW, AUDIO_ROW = (13, F, H, W), (50, 384)
 # Export traces through diffusers and torch internals that warn about their own APIs.
 EXPORT_WARNINGS = pytest.mark.filterwarnings(
@@ -142,17 +143,19 @@ def test_aot_artifact_compiles_once_then_loads_and_runs_any_checkpoint(
     assert made.path.stat().st_size < weights / 2  # the code only, not the weights
     for chunks in (1, 2):
         expected = loop(UNetPredictor(unet), chunks, seed=chunks)
-        assert relative_error(loop(first, chunks, seed=chunks), expected) < 1e-4
+        assert relative_error(loop(first, chunks, seed=chunks), expected) < LOOP_TOLERANCE
 
     # The next start, with another checkpoint of the same config: loaded, not compiled.
     other = UNet3DConditionModel(unet.config).eval()
     second = AotPredictor(other, cache_dir=tmp_path, max_rows=4)
     second.prepare((2, *ROW), (2 * F, *AUDIO_ROW))
     [loaded] = second.loads
-    assert not loaded.compiled_now and loaded.path == made.path
+    assert not loaded.compiled_now and loaded.path == made.path and loaded.error < 1e-4
     assert loaded.seconds < made.seconds / 10
     expected = loop(UNetPredictor(other), 2, seed=5)
-    assert relative_error(loop(second, 2, seed=5), expected) < 1e-4
+    # An 8-step loop of an untrained UNet amplifies fp32 reordering (1.5e-4 seen in CI);
+    # a tensor bound wrong moves it by 0.1 and more.
+    assert relative_error(loop(second, 2, seed=5), expected) < LOOP_TOLERANCE
     assert relative_error(loop(second, 2, seed=5), loop(first, 2, seed=5)) > 0.01
 
     # A UNet missing a tensor the artifact reads: a clear error naming it.
