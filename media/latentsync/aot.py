@@ -42,6 +42,7 @@ from torch.nn.attention import SDPBackend
 
 from media.latentsync.accel import GraphPredictor
 from media.latentsync.unet import DeepCacheState, UNet3DConditionModel
+from media.latentsync.verify import relative_error
 
 # Names the export/compile recipe below; change it when the recipe changes.
 AOT_RECIPE = "export-dynamic-batch+aoti-weightless-v3"
@@ -325,9 +326,8 @@ def _check(
     eager = AotForward(unet, kind)
     with torch.inference_mode():
         expected, actual = eager(*inputs), runner(*inputs)
-    expected_t = torch.cat([t.flatten() for t in _tensors(expected)]).double()
-    actual_t = torch.cat([t.flatten() for t in _tensors(actual)]).double()
-    error = float((actual_t - expected_t).norm() / expected_t.norm())
+    error = relative_error(torch.cat([t.flatten() for t in _tensors(actual)]),
+                           torch.cat([t.flatten() for t in _tensors(expected)]))
     if not error < AOT_TOLERANCE:
         raise AotMismatchError(
             f"{path}: the compiled {kind} forward differs from the eager UNet by {error:.3g}"
@@ -375,7 +375,7 @@ class AotPredictor(GraphPredictor):
         return ("refresh", "shallow") if self._clock.interval > 1 else ("exact",)
 
     def prepare(self, sample_shape: Sequence[int], audio_shape: Sequence[int]) -> None:
-        """Load (or compile) the artifacts for inputs of these per-row shapes now."""
+        """Load (or compile) the artifacts for inputs of these shapes (any batch) now."""
         for kind in self.kinds():
             self._runner(kind, tuple(sample_shape), tuple(audio_shape))
 
