@@ -100,6 +100,44 @@ def test_timestep_as_number_or_batch(
     assert torch.allclose(as_int, baseline) and torch.allclose(per_item, baseline)
 
 
+@pytest.mark.parametrize(
+    "kernels",
+    [
+        {"channels_last": True, "temporal_attention": "sdpa"},
+        {"channels_last": False, "temporal_attention": "math"},
+        {"channels_last": True, "temporal_attention": "math"},
+        {"channels_last": False, "temporal_attention": "inline"},
+    ],
+)
+def test_kernel_choices_reproduce_the_reference(
+    fixtures: Path, tiny_config: UNetConfig, golden: dict[str, torch.Tensor], kernels: dict
+) -> None:
+    """Channels-last activations and the frames' attention as matmuls (what compiled
+    forwards use on CUDA) compute the released model: the golden output, and channels-last
+    stays channels-last through every layer (no copy back to the default layout)."""
+    model = load_unet(tiny_config, fixtures / "tiny_unet_weights.safetensors")
+    model.set_kernels(**kernels)
+    assert model.kernels() == kernels
+    layouts = []
+    if kernels["channels_last"]:
+        def record(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            # (At 1x1 pixels a layout is a matter of convention: not counted.)
+            if isinstance(x, torch.Tensor) and x.dim() == 5 and x.shape[-2:] != (1, 1):
+                layouts.append(x.is_contiguous(memory_format=torch.channels_last_3d))
+
+        for block in [*model.down_blocks, model.mid_block, *model.up_blocks]:
+            for module in block.modules():
+                module.register_forward_pre_hook(record)
+    out = run(model, golden)
+    assert relative_error(out, golden["expected"]) < FAITHFUL_RELATIVE_ERROR
+    assert all(layouts) and (len(layouts) > 50) == kernels["channels_last"]
+    model.set_kernels(channels_last=False, temporal_attention="sdpa")
+    assert relative_error(run(model, golden), golden["expected"]) < FAITHFUL_RELATIVE_ERROR
+    with pytest.raises(ValueError, match="temporal_attention must be one of"):
+        model.set_kernels(temporal_attention="flash")
+
+
 def test_runs_in_bfloat16(
     fixtures: Path, tiny_config: UNetConfig, golden: dict[str, torch.Tensor]
 ) -> None:

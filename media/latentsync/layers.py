@@ -33,13 +33,44 @@ class FrameConv2d(nn.Conv2d):
         return batch_to_frames(y, x.shape[2])
 
 
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v as two batched matmuls, the softmax in float32.
+
+    (N, heads, S, d), (N, heads, S_kv, d) x2 -> (N, heads, S, d). For short
+    sequences (the motion modules' 16 frames) where a fused kernel's query tile
+    (64-128 rows) is mostly padding and a compiler can fuse the softmax instead.
+    """
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # (N, heads, S, S_kv)
+    probs = scores.float().softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def inline_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The same attention as products and sums over broadcast axes, in float32.
+
+    (N, heads, S, d), (N, heads, S_kv, d) x2 -> (N, heads, S, d). Only for a compiler:
+    eager, it would materialise (N, heads, S, S_kv, d) products. Inductor turns each
+    sum into a reduction kernel with the products computed inline. Measured on an H100
+    (bench/results/unet_parts_h100.md) those reductions are slower than
+    `math_attention`'s small matmuls (242 against 197 ms a step); kept for the benchmark.
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = (q.unsqueeze(-2).float() * k.unsqueeze(-3).float()).sum(-1) * scale  # (N,h,S,S_kv)
+    probs = scores.softmax(dim=-1)
+    out: torch.Tensor = (probs.unsqueeze(-1) * v.unsqueeze(-3).float()).sum(-2)  # (N,h,S,d)
+    return out.to(v.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head attention without q/k/v bias, LatentSync's (and diffusers') key layout.
 
     Self-attention when `context` is None, cross-attention otherwise. Uses
     `F.scaled_dot_product_attention`, which picks a fused (flash / memory
-    efficient) kernel on GPU.
+    efficient) kernel on GPU, or `math_attention` / `inline_attention` when `kernel`
+    is "math" / "inline".
     """
+
+    kernel = "sdpa"  # an instance attribute overrides it (see UNet.set_kernels)
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None) -> None:
         super().__init__()
@@ -59,7 +90,12 @@ class Attention(nn.Module):
         q = self._split_heads(self.to_q(x))  # (N, heads, S, C/heads)
         k = self._split_heads(self.to_k(context))  # (N, heads, S_ctx, C/heads)
         v = self._split_heads(self.to_v(context))
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, S, C/heads)
+        if self.kernel == "math":
+            out = math_attention(q, k, v)  # (N, heads, S, C/heads)
+        elif self.kernel == "inline":
+            out = inline_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).flatten(2)  # (N, S, C)
         projected: torch.Tensor = self.to_out[0](out)
         return projected

@@ -105,7 +105,8 @@ class TemporalTransformer(nn.Module):
             y = block(y)
         y = self.proj_out(y)  # (B*HW, F, C)
         y = y.view(b, h, w, f, c).permute(0, 4, 3, 1, 2)  # (B, C, F, H, W)
-        return y + x
+        # x first: the sum takes x's memory layout (channels-last stays channels-last).
+        return x + y
 
 
 class MotionModule(nn.Module):

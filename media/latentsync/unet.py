@@ -14,6 +14,7 @@ state dict loads strictly (see `media.latentsync.checkpoint`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,10 @@ from torch import nn
 
 from media.latentsync.config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, UNetConfig
 from media.latentsync.layers import FrameConv2d
+from media.latentsync.motion import TemporalAttention
 from media.latentsync.unet_blocks import DownBlock3D, MidBlock3D, UpBlock3D
+
+TEMPORAL_ATTENTION_KERNELS = ("sdpa", "math", "inline")
 
 
 @dataclass(slots=True)
@@ -110,6 +114,43 @@ class UNet3DConditionModel(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=eps)
         self.conv_out = FrameConv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
+        self.channels_last = False
+        self.temporal_attention = "sdpa"
+
+    def set_kernels(self, *, channels_last: bool | None = None,
+                    temporal_attention: str | None = None) -> UNet3DConditionModel:
+        """Execution choices that leave the weights' values and the math unchanged.
+
+        channels_last: activations as (B, F, H, W, C) in memory (`channels_last_3d` of
+        the 5D tensors; per-frame views are then channels-last images, the layout
+        tensor-core convolutions run natively, and the token views of the spatial
+        transformers need no copy) and the convolution weights channels-last.
+        temporal_attention: the motion modules' attention over frames: "sdpa" (fused
+        kernels), "math" (`math_attention`: two batched matmuls) or "inline"
+        (`inline_attention`: for compiled forwards only). Returns self.
+        """
+        if channels_last is not None:
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    module.weight.data = module.weight.data.contiguous(memory_format=fmt)
+            self.channels_last = channels_last
+        if temporal_attention is not None:
+            if temporal_attention not in TEMPORAL_ATTENTION_KERNELS:
+                raise ValueError(
+                    f"temporal_attention must be one of {TEMPORAL_ATTENTION_KERNELS},"
+                    f" got {temporal_attention!r}"
+                )
+            for module in self.modules():
+                if isinstance(module, TemporalAttention):
+                    module.kernel = temporal_attention
+            self.temporal_attention = temporal_attention
+        return self
+
+    def kernels(self) -> dict[str, Any]:
+        """The `set_kernels` choices in force (compiled artifacts depend on them)."""
+        return {"channels_last": self.channels_last,
+                "temporal_attention": self.temporal_attention}
 
     def forward(
         self,
@@ -138,6 +179,8 @@ class UNet3DConditionModel(nn.Module):
         t_emb = self.time_proj(t).to(self.time_embedding.linear_1.weight.dtype)  # (B, C0)
         temb: torch.Tensor = self.time_embedding(t_emb)  # (B, 4*C0)
 
+        if self.channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last_3d)
         x = self.conv_in(sample)  # (B, C0, F, H, W)
         k = self.config.layers_per_block + 1  # skips (and layers) of each up block
         last = self._last_up_block()  # full resolution; never upsamples
