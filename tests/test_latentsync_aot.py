@@ -3,13 +3,14 @@ batch, the predictor's dispatch, and (slow) a real AOTInductor artifact on disk.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 
 from media.latentsync import aot as aot_module
-from media.latentsync.accel import UNetPredictor, denoise, make_scheduler
+from media.latentsync.accel import COMPILED_KERNELS, UNetPredictor, denoise, make_scheduler
 from media.latentsync.aot import (
     AotForward,
     AotKey,
@@ -61,7 +62,10 @@ def test_aot_key_names_every_dependency(unet: UNet3DConditionModel) -> None:
         AotKey.of(unet, "exact", (13, F, 2 * H, 2 * W), AUDIO_ROW, 8),
         AotKey.of(unet, "exact", ROW, AUDIO_ROW, 16),
     ]
-    assert len({k.filename() for k in others} | {key.filename()}) == 4
+    unet.set_kernels(temporal_attention="math")
+    others.append(AotKey.of(unet, "exact", ROW, AUDIO_ROW, 8))
+    unet.set_kernels(temporal_attention="sdpa")
+    assert len({k.filename() for k in others} | {key.filename()}) == 5
     bigger = UNet3DConditionModel(UNetConfig(block_out_channels=(32, 64, 64, 128)))
     assert AotKey.of(bigger, "exact", ROW, AUDIO_ROW, 8).config_sha256 != key.config_sha256
 
@@ -107,6 +111,20 @@ def test_predictor_runs_deepcache_and_exact_loops_as_eager_does(
     assert not list(tmp_path.iterdir())  # the export backend stores nothing
 
 
+@EXPORT_WARNINGS
+def test_export_traces_the_compiled_kernel_choices(tmp_path: Path) -> None:
+    """The exported forward with channels-last activations and the frames' attention as
+    matmuls computes what the default eager UNet does, at two batch sizes."""
+    unet = tiny_unet_for_runners()
+    expected = {chunks: loop(UNetPredictor(unet), chunks, seed=chunks) for chunks in (1, 2)}
+    aot = AotPredictor(unet, cache_dir=tmp_path, max_rows=4, backend="export",
+                       kernels=COMPILED_KERNELS)
+    assert unet.kernels() == COMPILED_KERNELS
+    aot.warmup((4, *ROW), (4 * F, *AUDIO_ROW))
+    for chunks in (1, 2):
+        assert relative_error(loop(aot, chunks, seed=chunks), expected[chunks]) < 1e-5
+
+
 def test_an_artifact_the_loader_rejects_or_crashes_on_is_a_clear_error(
     unet: UNet3DConditionModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -133,12 +151,15 @@ def test_aot_artifact_compiles_once_then_loads_and_runs_any_checkpoint(
     """A real AOTInductor artifact (the CPU build here; a minute or two of C++ compiling):
     stored under its key without the weights, loaded by the next start, the batch
     symbolic, and bound to whichever UNet of this architecture loads it."""
-    first = AotPredictor(unet, cache_dir=tmp_path, max_rows=4)
+    # The execution choices the server compiles with on CUDA (channels-last weights bound
+    # to the weightless artifact, the frames' attention as matmuls).
+    first = AotPredictor(unet, cache_dir=tmp_path, max_rows=4, kernels=COMPILED_KERNELS)
     first.prepare((2, *ROW), (2 * F, *AUDIO_ROW))
     [made] = first.loads
     assert made.compiled_now and made.error < 1e-4 and made.path.is_file()
     assert made.path.with_name(made.path.name + ".loads").is_file()  # probed once
     assert made.path.name == AotKey.of(unet, "exact", ROW, AUDIO_ROW, 4).filename()
+    assert '"channels_last": true' in AotKey.of(unet, "exact", ROW, AUDIO_ROW, 4).kernels
     weights = sum(t.numel() * t.element_size() for t in unet.state_dict().values())
     assert made.path.stat().st_size < weights / 2  # the code only, not the weights
     for chunks in (1, 2):
@@ -146,8 +167,15 @@ def test_aot_artifact_compiles_once_then_loads_and_runs_any_checkpoint(
         assert relative_error(loop(first, chunks, seed=chunks), expected) < LOOP_TOLERANCE
 
     # The next start, with another checkpoint of the same config: loaded, not compiled.
-    other = UNet3DConditionModel(unet.config).eval()
-    second = AotPredictor(other, cache_dir=tmp_path, max_rows=4)
+    # (The fixture's weights shuffled within each tensor: as well-conditioned as they are.
+    # A default-initialised UNet is not, and its fp32 results move by 1e-3 under reordering.)
+    other = copy.deepcopy(unet)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in other.parameters():
+            shuffled = param.flatten()[torch.randperm(param.numel(), generator=gen)]
+            param.copy_(shuffled.view(param.shape))
+    second = AotPredictor(other, cache_dir=tmp_path, max_rows=4, kernels=COMPILED_KERNELS)
     second.prepare((2, *ROW), (2 * F, *AUDIO_ROW))
     [loaded] = second.loads
     assert not loaded.compiled_now and loaded.path == made.path and loaded.error < 1e-4
@@ -163,6 +191,7 @@ def test_aot_artifact_compiles_once_then_loads_and_runs_any_checkpoint(
     del broken.conv_in.bias
     broken.conv_in.register_parameter("bias", None)
     with pytest.raises(AotMismatchError, match=r"conv_in\.bias.*delete it to recompile"):
-        AotPredictor(broken, cache_dir=tmp_path, max_rows=4).prepare(
+        AotPredictor(broken, cache_dir=tmp_path, max_rows=4, kernels=COMPILED_KERNELS).prepare(
             (2, *ROW), (2 * F, *AUDIO_ROW)
         )
+    unet.set_kernels(channels_last=False, temporal_attention="sdpa")  # the module fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,13 @@ from agent.errors import ConfigError
 from media.avatar import Avatar
 from media.default_avatar import ensure_default_avatar
 from media.latentsync import accel
-from media.latentsync.accel import CompiledPredictor, GraphPredictor, UNetPredictor
-from media.latentsync.aot import AotPredictor
+from media.latentsync.accel import (
+    COMPILED_KERNELS,
+    CompiledPredictor,
+    GraphPredictor,
+    UNetPredictor,
+)
+from media.latentsync.aot import AotLoadError, AotPredictor, probe_load
 from media.latentsync.audio_features import AudioFeatureExtractor
 from media.latentsync.config import UNetConfig
 from media.latentsync.pipeline import LatentSyncModels
@@ -189,6 +195,7 @@ def test_compiled_unet_renders_what_eager_renders(
     models = random_tiny_models("cuda")
     config = LatentSyncConfig(compile=True, compile_cache_dir=tmp_path / "inductor")
     assert isinstance(noise_predictor_for(config, models), CompiledPredictor)
+    assert models.unet.kernels() == COMPILED_KERNELS  # the choices measured for compiling
     assert (tmp_path / "inductor").is_dir()
     batch = [chunk(avatar), chunk(avatar, 7, index=1)]
     made = renderer(avatar, models, **FAST, max_batch=2, compile=True,
@@ -294,6 +301,21 @@ def test_aot_runner_is_prepared_at_warmup_and_renders_what_eager_renders(
         assert np.abs(mine.astype(int) - reference).max() <= 2
 
 
+def cuda_package_loader_error(folder: Path) -> str | None:
+    """Why torch's loader fails on an AOTInductor package of a one-layer CUDA model, or
+    None. (torch 2.11 + CUDA 13 on the benchmark H100s: SIGSEGV inside the loader.)"""
+    layer = torch.nn.Linear(8, 8).cuda().eval()
+    program = torch.export.export(layer, (torch.randn(2, 8, device="cuda"),))
+    path = folder / "linear.pt2"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    try:
+        probe_load(path, 0)
+    except AotLoadError as exc:
+        return str(exc)
+    return None
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -304,6 +326,9 @@ def test_aot_artifacts_under_cuda_graphs_render_what_eager_renders(
 ) -> None:
     """AOTInductor on CUDA: the weightless artifact compiles, binds the GPU weights, is
     captured into CUDA graphs per batch size, and the next renderer loads it."""
+    broken = cuda_package_loader_error(tmp_path / "probe")
+    if broken:  # the renderer then refuses to start with this reason (see aot.probe_load)
+        pytest.skip(f"torch's AOTInductor loader fails on any CUDA package here: {broken}")
     models = random_tiny_models("cuda")
     batch = [chunk(avatar), chunk(avatar, 7, index=1)]
     settings = {"max_batch": 2, "aot": True, "aot_cache_dir": tmp_path}

@@ -283,6 +283,24 @@ class GraphPredictor:
         return self._run(sample, timestep, audio, cache=cache)
 
 
+# The UNet's execution choices (`UNet3DConditionModel.set_kernels`) for compiled forwards
+# on CUDA, measured on an H100 (bench/unet_parts.py, bench/results/unet_parts_h100.md):
+# the motion modules' 16-frame attention as two batched matmuls instead of cuDNN's fused
+# kernel, whose query tiles are mostly padding there, with channels-last activations:
+# 197 ms a step against 208 for B = 8 chunks at 256 px, the same math.
+COMPILED_KERNELS: dict[str, Any] = {"channels_last": True, "temporal_attention": "math"}
+
+
+def apply_kernels(unet: UNet3DConditionModel, kernels: dict[str, Any] | None | str) -> None:
+    """Set the UNet's kernels for a compiled predictor: "auto" = `COMPILED_KERNELS` on a
+    CUDA device and the defaults elsewhere; None leaves them; a dict is applied."""
+    if kernels == "auto":
+        on_cuda = next(unet.parameters()).device.type == "cuda"
+        kernels = COMPILED_KERNELS if on_cuda else None
+    if isinstance(kernels, dict):
+        unet.set_kernels(**kernels)
+
+
 class CompiledPredictor(GraphPredictor):
     """`GraphPredictor` over an Inductor-compiled UNet (`torch.compile`).
 
@@ -299,6 +317,8 @@ class CompiledPredictor(GraphPredictor):
     gives up after `torch._dynamo.config.recompile_limit` of them, 8 by default).
     `options`: Inductor settings (torch.compile's `options`) instead of a `mode`.
     `backend`: torch.compile's (tests count graphs with "eager").
+    `kernels`: the UNet's execution choices to set first (see `apply_kernels`; the
+    predictor changes the UNet it is given).
     """
 
     def __init__(
@@ -310,8 +330,10 @@ class CompiledPredictor(GraphPredictor):
         dynamic: bool | None = None,
         options: dict[str, Any] | None = None,
         backend: str = "inductor",
+        kernels: dict[str, Any] | None | str = "auto",
     ) -> None:
         super().__init__(unet, cache_interval, sdpa)
+        apply_kernels(unet, kernels)
         self.mode = mode
         self._mark_batch = dynamic is None
         # torch.compile takes a mode or Inductor options, not both.

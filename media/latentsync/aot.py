@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend
 
-from media.latentsync.accel import GraphPredictor
+from media.latentsync.accel import GraphPredictor, apply_kernels
 from media.latentsync.unet import DeepCacheState, UNet3DConditionModel
 from media.latentsync.verify import relative_error
 
@@ -93,6 +93,7 @@ class AotKey:
     max_rows: int  # the batch dimension is symbolic in 1..max_rows
     gpu: str  # torch.cuda.get_device_name, or "cpu"
     torch_version: str
+    kernels: str = "{}"  # the UNet's set_kernels choices (JSON)
     recipe: str = AOT_RECIPE
 
     @classmethod
@@ -116,6 +117,7 @@ class AotKey:
             max_rows=max_rows,
             gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             torch_version=torch.__version__,
+            kernels=json.dumps(unet.kernels(), sort_keys=True),
         )
 
     def filename(self) -> str:
@@ -292,7 +294,7 @@ def _store_package(program: torch.export.ExportedProgram, path: Path) -> None:
     tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # AOTI wants a .pt2 suffix
     try:
         torch._inductor.aoti_compile_and_package(
-            program, package_path=str(tmp), inductor_configs=AOT_INDUCTOR_CONFIGS
+            program, package_path=str(tmp), inductor_configs=dict(AOT_INDUCTOR_CONFIGS)
         )
         os.replace(tmp, path)  # atomic: a concurrent loader sees no half-written file
     finally:
@@ -348,6 +350,8 @@ class AotPredictor(GraphPredictor):
     size into CUDA graphs as `GraphPredictor` does. Without CUDA graphs (the CPU,
     or `graphs=False`) the artifacts run directly. `max_rows`: the largest UNet
     batch (2 x chunks with guidance). `loads` says how each artifact got ready.
+    `kernels`: the UNet's execution choices to set before exporting (see
+    `media.latentsync.accel.apply_kernels`).
     """
 
     def __init__(
@@ -360,8 +364,10 @@ class AotPredictor(GraphPredictor):
         max_rows: int,
         graphs: bool = True,
         backend: Backend = "aoti",
+        kernels: dict[str, Any] | None | str = "auto",
     ) -> None:
         super().__init__(unet, cache_interval, sdpa)
+        apply_kernels(unet, kernels)
         self.cache_dir = Path(cache_dir)
         self.max_rows = max(2, max_rows)
         self.backend: Backend = backend
