@@ -35,10 +35,26 @@ for arg in "$@"; do
         mkdir -p ../shared/fixtures && cp .gpucheck/* ../shared/fixtures/
         nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
         ;;
-    tests) step tests "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests ;;
+    tests)  # TESTS_K: a pytest -k expression
+        step tests "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider -rs \
+            ${TESTS_K:+-k "$TESTS_K"} tests
+        ;;
+    doctor)
+        step doctor "$limit" python3 bench/aoti_doctor.py --config .gpucheck/tiny_unet_config.json \
+            --out "$OUT/aoti_doctor.json"
+        ;;
     choices)
         step choices "$limit" $BENCH --sections choices --tune-batch 8 \
             --budget-s $((limit - 60)) --out "$OUT/choices.md"
+        ;;
+    parts)
+        step parts "$limit" python3 bench/unet_parts.py --config $CONFIG --batch 8 \
+            --sections parts,whole --budget-s $((limit - 40)) --out "$OUT/parts.md"
+        ;;
+    compiled)
+        step compiled "$limit" python3 bench/unet_parts.py --config $CONFIG --batch ${PARTS_BATCH:-8} \
+            --sections ${COMPILED_SECTIONS:-compiled} --compiled-variants "${COMPILED_VARIANTS:-default,cl+math,cl}" \
+            --budget-s $((limit - 140)) --out "$OUT/compiled.md"
         ;;
     aot)
         step aot "$limit" $BENCH --sections aot --aot-batch 8 --aot-dir /tmp/aoti \
@@ -57,7 +73,7 @@ for arg in "$@"; do
             --configs exact --users-exact 1,3 --budget-s $((limit - 60)) --out "$OUT/serve"
         ;;
     *)
-        echo "unknown step $name (setup, tests, choices, aot, tune, compile, serve-aot)" >&2
+        echo "unknown step $name (setup, tests, doctor, parts, compiled, choices, aot, tune, compile, serve-aot)" >&2
         exit 2
         ;;
     esac

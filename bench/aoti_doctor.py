@@ -1,0 +1,152 @@
+"""Which AOTInductor packages torch's loader takes on this machine, case by case.
+
+torch 2.11's CUDA package loader has killed processes (SIGSEGV) on the UNet's
+artifacts. This compiles small packages that differ in one thing each (a plain
+linear model; weights in the shared library or bound at load; a buffer; the tiny
+LatentSync UNet with a static or symbolic batch) and loads each in a child process
+with faulthandler on, so a crash names its case and the Python frame it died in.
+
+    python3 bench/aoti_doctor.py --config tests-or-shared/tiny_unet_config.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from media.latentsync.aot import AOT_INDUCTOR_CONFIGS, export_forward  # noqa: E402
+from media.latentsync.config import UNetConfig  # noqa: E402
+from media.latentsync.unet import UNet3DConditionModel  # noqa: E402
+
+# The child: load, bind the weights when the package has none, run once.
+CHILD = """
+import faulthandler, sys, torch
+faulthandler.enable()
+path, weightless, inputs_path, state_path, device = sys.argv[1:6]
+weightless = weightless == "1"
+print("loading", flush=True)
+runner = torch._inductor.aoti_load_package(path, device_index=0 if device == "cuda" else -1)
+print("loaded; constants", len(runner.get_constant_fqns()), flush=True)
+if weightless:
+    state = torch.load(state_path, weights_only=True)
+    runner.load_constants({k: state[k].to(device) for k in runner.get_constant_fqns()},
+                          check_full_update=True, user_managed=False)
+    print("constants bound", flush=True)
+inputs = [t.to(device) for t in torch.load(inputs_path, weights_only=True)]
+out = runner(*inputs)
+if device == "cuda":
+    torch.cuda.synchronize()
+print("ran", [tuple(o.shape) for o in (out if isinstance(out, (list, tuple)) else [out])],
+      flush=True)
+"""
+
+
+class Small(nn.Module):
+    def __init__(self, buffer: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 64)
+        if buffer:
+            self.register_buffer("offset", torch.arange(64.0))
+        self.buffer = buffer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y + self.offset if self.buffer else y
+
+
+def compile_case(program: torch.export.ExportedProgram, configs: dict[str, Any],
+                 path: Path) -> float:
+    t0 = time.perf_counter()
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                             inductor_configs=configs)
+    return time.perf_counter() - t0
+
+
+def run_case(name: str, module: nn.Module, program: torch.export.ExportedProgram,
+             inputs: tuple[torch.Tensor, ...], configs: dict[str, Any], folder: Path,
+             timeout: float, device: str) -> dict[str, Any]:
+    path = folder / f"{name}.pt2"
+    row: dict[str, Any] = {"case": name, "configs": configs}
+    try:
+        row["compile_s"] = round(compile_case(program, configs, path), 1)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic reports every failure
+        row["result"] = f"compile failed: {type(exc).__name__}: {str(exc)[:300]}"
+        return row
+    inputs_path, state_path = folder / f"{name}.inputs.pt", folder / f"{name}.state.pt"
+    torch.save([t.cpu() for t in inputs], inputs_path)
+    torch.save({k: v.cpu() for k, v in module.state_dict().items()}, state_path)
+    weightless = configs.get("aot_inductor.package_constants_in_so") is False
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", CHILD, str(path), "1" if weightless else "0",
+             str(inputs_path), str(state_path), device],
+            capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        row["result"] = f"load timed out after {timeout:.0f} s"
+        return row
+    lines = [ln for ln in (child.stdout + child.stderr).splitlines() if ln.strip()]
+    if child.returncode == 0:
+        row["result"] = "ok: " + " / ".join(ln for ln in lines if ln.startswith(("loaded",
+                                                                                   "ran")))
+    else:
+        how = f"signal {-child.returncode}" if child.returncode < 0 else f"exit {child.returncode}"
+        row["result"] = f"FAILED ({how}); last lines: " + " | ".join(lines[-8:])
+    row["size_mib"] = round(path.stat().st_size / 2**20, 2)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="the tiny UNet config JSON")
+    p.add_argument("--cases", default="small-so,small-weightless,small-buffer-weightless,"
+                   "unet-static-so,unet-dynamic-weightless")
+    p.add_argument("--timeout", type=float, default=120)
+    p.add_argument("--out", default="out/aoti_doctor.json")
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a dry run of the script
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    weightless = dict(AOT_INDUCTOR_CONFIGS)
+    raw = json.loads(Path(args.config).read_text())
+    config = UNetConfig.from_dict(raw.get("config", raw))
+    torch.manual_seed(0)
+    unet = UNet3DConditionModel(config).to(device, dtype).eval().requires_grad_(False)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name in args.cases.split(","):
+            module: nn.Module
+            if name.startswith("small"):
+                module = Small(buffer="buffer" in name).to(device).eval()
+                inputs: tuple[torch.Tensor, ...] = (torch.randn(4, 64, device=device),)
+                program = torch.export.export(module, inputs)
+            else:
+                module = unet
+                max_rows = 4 if "dynamic" in name else 2
+                program = export_forward(unet, "exact", (13, 16, 8, 8), (50, 384), max_rows)
+                inputs = tuple(program.example_inputs[0])
+                if "static" in name:
+                    program = torch.export.export(program.module(), inputs)
+            configs = weightless if "weightless" in name else {}
+            if "unet" in name:
+                module = program.module()  # its state dict has the exported names
+            row = run_case(name, module, program, inputs, configs, folder, args.timeout,
+                           device)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
