@@ -73,6 +73,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "cl+math+mm": ({"channels_last": True, "temporal_attention": "math"}, False),
     "cl+math+tuned": ({"channels_last": True, "temporal_attention": "math"}, False),
     "math+mm": ({"channels_last": False, "temporal_attention": "math"}, False),
+    "cl+triton": ({"channels_last": True, "temporal_attention": "triton"}, False),
+    "triton": ({"channels_last": False, "temporal_attention": "triton"}, False),
 }
 # Compiled variants whose name ends so also get these Inductor options.
 INDUCTOR_OPTIONS: dict[str, dict[str, Any]] = {
@@ -306,41 +308,60 @@ class Study:
             if not self.time_left():
                 notes.append(f"{name}: not run (budget)")
                 continue
-            with variant(self.unet, name):
-                torch._dynamo.reset()
-                pred: NoisePredictor
-                if not self.cuda:
-                    pred = UNetPredictor(self.unet)
-                elif compiled:
-                    options = INDUCTOR_OPTIONS.get(name.rsplit("+", 1)[-1])
-                    pred = CompiledPredictor(self.unet, dynamic=False, options=options,
-                                             kernels=None)
-                else:
-                    pred = GraphPredictor(self.unet)
-                shape = (2 * self.b, 13, FRAMES, self.latent, self.latent)
-                audio_shape = (2 * self.b * FRAMES, 50, 384)
-                t0 = time.perf_counter()
-                if isinstance(pred, GraphPredictor):
-                    pred.warmup(shape, audio_shape)
-                cold = time.perf_counter() - t0
-                seconds, out = self.loop(pred)
-                if isinstance(pred, CompiledPredictor):
-                    notes.append(f"{name}: " + kernel_breakdown(pred._run, shape, audio_shape,
-                                                                self.dtype))
-                    log(notes[-1])
-            diff = "" if base is None else f"{relative_error(out.float(), base.float()):.2e}"
+            try:
+                row, note = self._whole_row(name, compiled, base)
+            except Exception as exc:  # noqa: BLE001 - a failed variant is a row, not the end
+                notes.append(f"{name}: failed: {type(exc).__name__}: {str(exc)[:400]}")
+                log(notes[-1])
+                gc.collect()
+                torch.cuda.empty_cache() if self.cuda else None
+                continue
+            if note:
+                notes.append(note)
             if base is None:
-                base = out
-            fps = FRAMES * self.b / seconds
-            rows.append([name, f"{1000 * seconds:.0f}", f"{fps:.1f}",
-                         f"{1000 * seconds / self.args.steps:.1f}", diff, f"{cold:.1f}"])
+                base = row.pop()
+            else:
+                row.pop()
+            rows.append(row)
             log(" | ".join(rows[-1]))
-            del pred
-            gc.collect()
-            torch.cuda.empty_cache() if self.cuda else None
             self.save(extra=(what, header, rows, notes))
         self.sections.append(self._loop_section(what, header, rows, notes))
         self.save()
+
+    def _whole_row(self, name: str, compiled: bool, base: torch.Tensor | None
+                   ) -> tuple[list[Any], str]:
+        """One variant's row cells (and its output last), and its kernel note."""
+        note = ""
+        with variant(self.unet, name):
+            torch._dynamo.reset()
+            pred: NoisePredictor
+            if not self.cuda:
+                pred = UNetPredictor(self.unet)
+            elif compiled:
+                options = INDUCTOR_OPTIONS.get(name.rsplit("+", 1)[-1])
+                pred = CompiledPredictor(self.unet, dynamic=False, options=options,
+                                         kernels=None)
+            else:
+                pred = GraphPredictor(self.unet)
+            shape = (2 * self.b, 13, FRAMES, self.latent, self.latent)
+            audio_shape = (2 * self.b * FRAMES, 50, 384)
+            t0 = time.perf_counter()
+            if isinstance(pred, GraphPredictor):
+                pred.warmup(shape, audio_shape)
+            cold = time.perf_counter() - t0
+            seconds, out = self.loop(pred)
+            if isinstance(pred, CompiledPredictor):
+                note = f"{name}: " + kernel_breakdown(pred._run, shape, audio_shape,
+                                                      self.dtype)
+                log(note)
+        diff = "" if base is None else f"{relative_error(out.float(), base.float()):.2e}"
+        fps = FRAMES * self.b / seconds
+        row: list[Any] = [name, f"{1000 * seconds:.0f}", f"{fps:.1f}",
+                          f"{1000 * seconds / self.args.steps:.1f}", diff, f"{cold:.1f}", out]
+        del pred
+        gc.collect()
+        torch.cuda.empty_cache() if self.cuda else None
+        return row, note
 
     def _loop_section(self, what: str, header: list[str], rows: list[list[str]],
                       notes: list[str]) -> str:

@@ -7,6 +7,8 @@ layers treat frames as batch items: `(B*F, C, H, W)`, batch-major (index
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,11 +68,14 @@ class Attention(nn.Module):
 
     Self-attention when `context` is None, cross-attention otherwise. Uses
     `F.scaled_dot_product_attention`, which picks a fused (flash / memory
-    efficient) kernel on GPU, or `math_attention` / `inline_attention` when `kernel`
-    is "math" / "inline".
+    efficient) kernel on GPU, or `math_attention` / `inline_attention` /
+    `frame_attention.frame_attention` (one Triton kernel) when `kernel` is "math" /
+    "inline" / "triton".
     """
 
     kernel = "sdpa"  # an instance attribute overrides it (see UNet.set_kernels)
+    # kernel "triton": (N, S, C) projections x3, heads -> (N, S, C), set with the kernel
+    fused_op: Any = None
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None) -> None:
         super().__init__()
@@ -87,6 +92,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         # x: (N, S, C); context: (N, S_ctx, C_ctx) or None -> (N, S, C)
         context = x if context is None else context
+        if self.kernel == "triton":  # heads stay side by side: no split or merge copies
+            fused: torch.Tensor = self.fused_op(
+                self.to_q(x), self.to_k(context), self.to_v(context), self.heads
+            )
+            out_fused: torch.Tensor = self.to_out[0](fused)
+            return out_fused
         q = self._split_heads(self.to_q(x))  # (N, heads, S, C/heads)
         k = self._split_heads(self.to_k(context))  # (N, heads, S_ctx, C/heads)
         v = self._split_heads(self.to_v(context))

@@ -26,7 +26,7 @@ from media.latentsync.layers import FrameConv2d
 from media.latentsync.motion import TemporalAttention
 from media.latentsync.unet_blocks import DownBlock3D, MidBlock3D, UpBlock3D
 
-TEMPORAL_ATTENTION_KERNELS = ("sdpa", "math", "inline")
+TEMPORAL_ATTENTION_KERNELS = ("sdpa", "math", "inline", "triton")
 
 
 @dataclass(slots=True)
@@ -127,7 +127,8 @@ class UNet3DConditionModel(nn.Module):
         transformers need no copy) and the convolution weights channels-last.
         temporal_attention: the motion modules' attention over frames: "sdpa" (fused
         kernels), "math" (`math_attention`: two batched matmuls) or "inline"
-        (`inline_attention`: for compiled forwards only). Returns self.
+        (`inline_attention`: for compiled forwards only) or "triton" (one Triton kernel,
+        `media.latentsync.frame_attention`; CUDA only). Returns self.
         """
         if channels_last is not None:
             fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -141,9 +142,17 @@ class UNet3DConditionModel(nn.Module):
                     f"temporal_attention must be one of {TEMPORAL_ATTENTION_KERNELS},"
                     f" got {temporal_attention!r}"
                 )
+            op = None
+            if temporal_attention == "triton":
+                from media.latentsync import frame_attention
+
+                if not frame_attention.AVAILABLE:
+                    raise ValueError("temporal_attention 'triton' needs Triton and a CUDA GPU")
+                op = frame_attention.frame_attention
             for module in self.modules():
                 if isinstance(module, TemporalAttention):
                     module.kernel = temporal_attention
+                    module.fused_op = op
             self.temporal_attention = temporal_attention
         return self
 
