@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -46,7 +46,7 @@ import torch
 from agent.config import LatentSyncConfig
 from agent.errors import ConfigError, GpuOutOfMemory, NotFound, RenderError
 from media.avatar import Avatar
-from media.latentsync import accel
+from media.latentsync import accel, frame_attention
 from media.latentsync.accel import CompiledPredictor, GraphPredictor, UNetPredictor
 from media.latentsync.aot import AotPredictor
 from media.latentsync.audio_features import AudioFeatureExtractor, required_samples
@@ -174,15 +174,30 @@ def noise_predictor_for(config: LatentSyncConfig, models: LatentSyncModels,
     `compile`, DeepCache when `deepcache_interval` (or `interval`) > 1; `aot`: ahead-of-time
     artifacts (under the graphs on CUDA, run directly elsewhere)."""
     interval = config.deepcache_interval if interval is None else interval
+    kernels = compiled_kernels(config, models)
     if config.aot:
         return AotPredictor(models.unet, interval, cache_dir=config.aot_cache_dir,
-                            max_rows=2 * config.max_batch, graphs=config.cuda_graphs)
+                            max_rows=2 * config.max_batch, graphs=config.cuda_graphs,
+                            kernels=kernels)
     if config.cuda_graphs and models.device.type == "cuda":
         if config.compile:
             use_compile_cache(config.compile_cache_dir)
-            return CompiledPredictor(models.unet, interval)
+            return CompiledPredictor(models.unet, interval, kernels=kernels)
         return GraphPredictor(models.unet, interval)
     return UNetPredictor(models.unet, interval)
+
+
+def compiled_kernels(config: LatentSyncConfig, models: LatentSyncModels
+                     ) -> dict[str, Any] | None:
+    """The UNet's execution choices for compiled forwards: `accel.COMPILED_KERNELS` with
+    `frame_attention`'s kernel on CUDA; None (the defaults) elsewhere."""
+    if models.device.type != "cuda":
+        return None
+    temporal = "triton" if config.frame_attention == "triton" else "math"
+    if temporal == "triton" and not frame_attention.AVAILABLE:
+        raise ConfigError("renderer.latentsync.frame_attention: 'triton' needs Triton (CUDA"
+                          " builds of torch ship it); use 'matmul'")
+    return {**accel.COMPILED_KERNELS, "temporal_attention": temporal}
 
 
 def use_compile_cache(path: Path) -> None:
