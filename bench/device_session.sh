@@ -7,7 +7,10 @@
 #
 # STEP[:SECONDS] (default 300). Carry `.whl` (the wheels the machine lacks: diffusers,
 # av, websockets, pytest and their needs) and `.gpucheck` (the tiny UNet config; the
-# ../shared folder does not travel).
+# ../shared folder does not travel). Steps: setup; tests (TESTS_K: a -k expression);
+# doctor (bench/aoti_doctor.py); parts, compiled (bench/unet_parts.py; COMPILED_VARIANTS,
+# COMPILED_SECTIONS, PARTS_BATCH); choices, aot, tune, compile (bench/latentsync_bench.py);
+# serve-aot (bench/gpu_serve.py). A pytest step's summary comes last: give it room.
 set -u
 OUT=${OUT:-out/device}
 mkdir -p "$OUT"
