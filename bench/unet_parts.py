@@ -160,7 +160,6 @@ class Study:
     def capture_parts(self) -> dict[tuple[str, tuple[Any, ...]], tuple[int, nn.Module, tuple]]:
         """(class, input shapes) -> (count in one call, a module, its first inputs)."""
         found: dict[tuple[str, tuple[Any, ...]], tuple[int, nn.Module, tuple]] = {}
-        handles = []
 
         def hook(module: nn.Module, args: tuple) -> None:
             shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
@@ -170,15 +169,20 @@ class Study:
                 first_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
             found[key] = (count + 1, first, first_args)
 
-        for module in self.unet.modules():
-            if isinstance(module, PART_TYPES):
-                handles.append(module.register_forward_pre_hook(hook))
-        noise, conditions, audio = self.inputs()
-        with torch.inference_mode():
-            self.unet(torch.cat([torch.cat([noise, noise]), conditions], dim=1), 500, audio)
-        for handle in handles:
-            handle.remove()
+        self.call_with_hook(PART_TYPES, hook)
         return found
+
+    def call_with_hook(self, types: tuple[type, ...], hook: Callable[..., None]) -> None:
+        """One exact UNet call with `hook` as forward pre-hook of every module of `types`."""
+        handles = [module.register_forward_pre_hook(hook) for module in self.unet.modules()
+                   if isinstance(module, types)]
+        noise, conditions, audio = self.inputs()
+        try:
+            with torch.inference_mode():
+                self.unet(torch.cat([torch.cat([noise, noise]), conditions], dim=1), 500, audio)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def parts(self) -> None:
         names = self.args.part_variants.split(",")
@@ -231,7 +235,6 @@ class Study:
         """Every 2D convolution of one call (channels-last, as Inductor runs them), alone:
         cuDNN's heuristic choice against its autotuned one (cudnn.benchmark)."""
         found: dict[tuple[Any, ...], list[Any]] = {}
-        handles = []
 
         def hook(module: nn.Module, args: tuple) -> None:
             assert isinstance(module, nn.Conv2d)
@@ -240,14 +243,7 @@ class Study:
             entry = found.setdefault(key, [0, module, x.clone()])
             entry[0] += 1
 
-        for module in self.unet.modules():
-            if isinstance(module, nn.Conv2d):
-                handles.append(module.register_forward_pre_hook(hook))
-        noise, conditions, audio = self.inputs()
-        with torch.inference_mode():
-            self.unet(torch.cat([torch.cat([noise, noise]), conditions], dim=1), 500, audio)
-        for handle in handles:
-            handle.remove()
+        self.call_with_hook((nn.Conv2d,), hook)
         header = ["input", "weight", "stride", "count", "TFLOP", "heuristic ms",
                   "TFLOP/s", "autotuned ms", "TFLOP/s"]
         rows = []
