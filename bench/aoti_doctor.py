@@ -3,8 +3,11 @@
 torch 2.11's CUDA package loader has killed processes (SIGSEGV) on the UNet's
 artifacts. This compiles small packages that differ in one thing each (a plain
 linear model; weights in the shared library or bound at load; a buffer; the tiny
-LatentSync UNet with a static or symbolic batch) and loads each in a child process
-with faulthandler on, so a crash names its case and the Python frame it died in.
+LatentSync UNet with a static or symbolic batch) and loads each in child processes,
+one per loader recipe (see RECIPES: the package loader as the server uses it, after
+CUDA is initialised, its metadata step alone, the bare model container runner, and
+under gdb for the native backtrace), with faulthandler on, so a crash names its case,
+the recipe and the frame it died in.
 
     python3 bench/aoti_doctor.py --config tests-or-shared/tiny_unet_config.json
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,27 +33,54 @@ from media.latentsync.aot import AOT_INDUCTOR_CONFIGS, export_forward  # noqa: E
 from media.latentsync.config import UNetConfig  # noqa: E402
 from media.latentsync.unet import UNet3DConditionModel  # noqa: E402
 
-# The child: load, bind the weights when the package has none, run once.
+# The child: load with one recipe, bind the weights when the package has none, run once.
 CHILD = """
-import faulthandler, sys, torch
+import faulthandler, glob, os, sys, tempfile, zipfile, torch
 faulthandler.enable()
-path, weightless, inputs_path, state_path, device = sys.argv[1:6]
+path, weightless, inputs_path, state_path, device, recipe = sys.argv[1:7]
 weightless = weightless == "1"
-print("loading", flush=True)
-runner = torch._inductor.aoti_load_package(path, device_index=0 if device == "cuda" else -1)
-print("loaded; constants", len(runner.get_constant_fqns()), flush=True)
-if weightless:
-    state = torch.load(state_path, weights_only=True)
-    runner.load_constants({k: state[k].to(device) for k in runner.get_constant_fqns()},
-                          check_full_update=True, user_managed=False)
-    print("constants bound", flush=True)
-inputs = [t.to(device) for t in torch.load(inputs_path, weights_only=True)]
-out = runner(*inputs)
+if recipe != "package":  # CUDA (or the CPU) initialised before any loader runs
+    torch.zeros(1, device=device)
+    print("device ready", flush=True)
+if recipe == "metadata":  # the loader's first step alone
+    meta = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(path, "model")
+    print("loaded; metadata", sorted(meta)[:6], flush=True)
+    sys.exit(0)
+if recipe == "runner":  # no package loader: the model container of the extracted library
+    folder = tempfile.mkdtemp()
+    zipfile.ZipFile(path).extractall(folder)
+    libs = glob.glob(os.path.join(folder, "**", "*.so"), recursive=True)
+    print("libraries", [os.path.relpath(lib, folder) for lib in libs], flush=True)
+    if device == "cuda":
+        runner = torch._C._aoti.AOTIModelContainerRunnerCuda(
+            libs[0], 1, "cuda:0", os.path.dirname(libs[0]))
+    else:
+        runner = torch._C._aoti.AOTIModelContainerRunnerCpu(libs[0], 1)
+    print("loaded; constants", len(runner.get_constant_names_to_original_fqns()), flush=True)
+    inputs = [t.to(device) for t in torch.load(inputs_path, weights_only=True)]
+    out = runner.run(inputs)
+else:
+    index = 0 if device == "cuda" else -1
+    runner = torch._inductor.aoti_load_package(path, device_index=index)
+    print("loaded; constants", len(runner.get_constant_fqns()), flush=True)
+    if weightless:
+        state = torch.load(state_path, weights_only=True)
+        runner.load_constants({k: state[k].to(device) for k in runner.get_constant_fqns()},
+                              check_full_update=True, user_managed=False)
+        print("constants bound", flush=True)
+    inputs = [t.to(device) for t in torch.load(inputs_path, weights_only=True)]
+    out = runner(*inputs)
 if device == "cuda":
     torch.cuda.synchronize()
 print("ran", [tuple(o.shape) for o in (out if isinstance(out, (list, tuple)) else [out])],
       flush=True)
 """
+
+# Loader recipes: "package" (aoti_load_package in a fresh process, as the server's probe
+# does), "init" (the same after CUDA is initialised), "metadata" (only reading the
+# package's metadata), "runner" (the extracted library through the bare model container
+# runner, no package loader), "gdb" (the "init" recipe under gdb: the native backtrace).
+RECIPES = ("package", "init", "metadata", "runner", "gdb")
 
 
 class Small(nn.Module):
@@ -75,42 +106,67 @@ def compile_case(program: torch.export.ExportedProgram, configs: dict[str, Any],
 
 def run_case(name: str, module: nn.Module, program: torch.export.ExportedProgram,
              inputs: tuple[torch.Tensor, ...], configs: dict[str, Any], folder: Path,
-             timeout: float, device: str) -> dict[str, Any]:
+             timeout: float, device: str, recipes: list[str]) -> list[dict[str, Any]]:
+    """Compile one package, then load it with each recipe: one row per recipe."""
     path = folder / f"{name}.pt2"
-    row: dict[str, Any] = {"case": name, "configs": configs}
     try:
-        row["compile_s"] = round(compile_case(program, configs, path), 1)
+        compile_s = round(compile_case(program, configs, path), 1)
     except Exception as exc:  # noqa: BLE001 - a diagnostic reports every failure
-        row["result"] = f"compile failed: {type(exc).__name__}: {str(exc)[:300]}"
-        return row
+        return [{"case": name, "configs": configs,
+                 "result": f"compile failed: {type(exc).__name__}: {str(exc)[:300]}"}]
     inputs_path, state_path = folder / f"{name}.inputs.pt", folder / f"{name}.state.pt"
     torch.save([t.cpu() for t in inputs], inputs_path)
     torch.save({k: v.cpu() for k, v in module.state_dict().items()}, state_path)
     weightless = configs.get("aot_inductor.package_constants_in_so") is False
+    rows = []
+    for recipe in recipes:
+        if recipe == "runner" and weightless:
+            continue  # the bare runner has no weights to run with
+        row: dict[str, Any] = {"case": name, "recipe": recipe, "configs": configs,
+                               "compile_s": compile_s,
+                               "size_mib": round(path.stat().st_size / 2**20, 2)}
+        row["result"] = load_in_child(path, weightless, inputs_path, state_path, device,
+                                      recipe, timeout)
+        rows.append(row)
+    return rows
+
+
+def load_in_child(path: Path, weightless: bool, inputs_path: Path, state_path: Path,
+                  device: str, recipe: str, timeout: float) -> str:
+    """Run CHILD with one recipe; "ok: ..." or "FAILED (...)" with its last lines."""
+    args = [sys.executable, "-c", CHILD, str(path), "1" if weightless else "0",
+            str(inputs_path), str(state_path), device, "init" if recipe == "gdb" else recipe]
+    if recipe == "gdb":
+        gdb = shutil.which("gdb")
+        if gdb is None:
+            return "skipped: no gdb on this machine"
+        args = [gdb, "-q", "-batch", "-ex", "run", "-ex", "bt 25", "--args", *args]
     try:
-        child = subprocess.run(
-            [sys.executable, "-c", CHILD, str(path), "1" if weightless else "0",
-             str(inputs_path), str(state_path), device],
-            capture_output=True, text=True, timeout=timeout, check=False)
+        child = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                               check=False)
     except subprocess.TimeoutExpired:
-        row["result"] = f"load timed out after {timeout:.0f} s"
-        return row
+        return f"load timed out after {timeout:.0f} s"
     lines = [ln for ln in (child.stdout + child.stderr).splitlines() if ln.strip()]
+    if recipe == "gdb":  # gdb exits 0 either way: the backtrace frames tell
+        frames = [ln for ln in lines if ln.startswith("#")]
+        if not frames:
+            return "ok under gdb: " + " / ".join(ln for ln in lines if ln.startswith("ran"))
+        return "FAILED (signal under gdb); backtrace: " + " | ".join(frames[:25])
     if child.returncode == 0:
-        row["result"] = "ok: " + " / ".join(ln for ln in lines if ln.startswith(("loaded",
-                                                                                   "ran")))
-    else:
-        how = f"signal {-child.returncode}" if child.returncode < 0 else f"exit {child.returncode}"
-        row["result"] = f"FAILED ({how}); last lines: " + " | ".join(lines[-8:])
-    row["size_mib"] = round(path.stat().st_size / 2**20, 2)
-    return row
+        return "ok: " + " / ".join(ln for ln in lines if ln.startswith(("loaded", "ran")))
+    how = f"signal {-child.returncode}" if child.returncode < 0 else f"exit {child.returncode}"
+    return f"FAILED ({how}); last lines: " + " | ".join(lines[-8:])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="the tiny UNet config JSON")
     p.add_argument("--cases", default="small-so,small-weightless,small-buffer-weightless,"
-                   "unet-static-so,unet-dynamic-weightless")
+                   "small-cpu,unet-static-so,unet-dynamic-weightless",
+                   help="small-*: nn.Linear(64, 64) (-cpu: compiled for the CPU); unet-*:"
+                   " the tiny UNet")
+    p.add_argument("--recipes", default=",".join(RECIPES),
+                   help=f"how the child loads each package: {', '.join(RECIPES)}")
     p.add_argument("--timeout", type=float, default=120)
     p.add_argument("--out", default="out/aoti_doctor.json")
     args = p.parse_args()
@@ -126,9 +182,10 @@ def main() -> None:
         folder = Path(tmp)
         for name in args.cases.split(","):
             module: nn.Module
+            where = "cpu" if name.endswith("-cpu") else device
             if name.startswith("small"):
-                module = Small(buffer="buffer" in name).to(device).eval()
-                inputs: tuple[torch.Tensor, ...] = (torch.randn(4, 64, device=device),)
+                module = Small(buffer="buffer" in name).to(where).eval()
+                inputs: tuple[torch.Tensor, ...] = (torch.randn(4, 64, device=where),)
                 program = torch.export.export(module, inputs)
             else:
                 module = unet
@@ -140,10 +197,10 @@ def main() -> None:
             configs = weightless if "weightless" in name else {}
             if "unet" in name:
                 module = program.module()  # its state dict has the exported names
-            row = run_case(name, module, program, inputs, configs, folder, args.timeout,
-                           device)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for row in run_case(name, module, program, inputs, configs, folder,
+                                args.timeout, where, args.recipes.split(",")):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(rows, indent=1))
 

@@ -16,6 +16,9 @@ Sections:
 - `compiled`: the same loop compiled (`torch.compile`, static shapes, CUDA graphs) per
   `--compiled-variants`, with each variant's cold compile time and GPU-time split by
   kernel kind.
+
+A variant name is a key of VARIANTS; "+cfg" after it runs the UNet's guided forward
+(the guidance pair's shared part once, the silent half's cross-attention as its bias).
 """
 
 from __future__ import annotations
@@ -328,17 +331,20 @@ class Study:
                    ) -> tuple[list[Any], str]:
         """One variant's row cells (and its output last), and its kernel note."""
         note = ""
-        with variant(self.unet, name):
+        # "+cfg": the UNet's guided forward (the guidance pair's shared part once)
+        guided = name.endswith("+cfg")
+        kernels = name.removesuffix("+cfg")
+        with variant(self.unet, kernels):
             torch._dynamo.reset()
             pred: NoisePredictor
             if not self.cuda:
-                pred = UNetPredictor(self.unet)
+                pred = UNetPredictor(self.unet, guided=guided)
             elif compiled:
-                options = INDUCTOR_OPTIONS.get(name.rsplit("+", 1)[-1])
+                options = INDUCTOR_OPTIONS.get(kernels.rsplit("+", 1)[-1])
                 pred = CompiledPredictor(self.unet, dynamic=False, options=options,
-                                         kernels=None)
+                                         kernels=None, guided=guided)
             else:
-                pred = GraphPredictor(self.unet)
+                pred = GraphPredictor(self.unet, guided=guided)
             shape = (2 * self.b, 13, FRAMES, self.latent, self.latent)
             audio_shape = (2 * self.b * FRAMES, 50, 384)
             t0 = time.perf_counter()
@@ -347,8 +353,13 @@ class Study:
             cold = time.perf_counter() - t0
             seconds, out = self.loop(pred)
             if isinstance(pred, CompiledPredictor):
-                note = f"{name}: " + kernel_breakdown(pred._run, shape, audio_shape,
-                                                      self.dtype)
+                compiled_pred = pred
+
+                def forward(sample: torch.Tensor, t: torch.Tensor,
+                            audio: torch.Tensor) -> torch.Tensor:
+                    return compiled_pred._forward(sample, t, audio, None, refresh=True)
+
+                note = f"{name}: " + kernel_breakdown(forward, shape, audio_shape, self.dtype)
                 log(note)
         diff = "" if base is None else f"{relative_error(out.float(), base.float()):.2e}"
         fps = FRAMES * self.b / seconds

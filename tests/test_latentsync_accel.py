@@ -119,8 +119,21 @@ def test_dpm_solver_runs_the_requested_steps(unet: UNet3DConditionModel) -> None
     assert torch.equal(run(PlainUNet(unet), 5, steps=8, kind="dpm++"), fast)
 
 
+@pytest.mark.parametrize("interval", [1, 3])
+def test_guided_predictor_runs_the_loop_of_the_plain_unet(
+    unet: UNet3DConditionModel, interval: int
+) -> None:
+    """The guided forward (the pair's shared part once, the silent half's cross-attention
+    as its bias) inside the denoising loop, exact and under DeepCache: the plain loop's
+    latents up to float reordering."""
+    plain = run(UNetPredictor(unet, interval), 7)
+    guided = run(UNetPredictor(unet, interval, guided=True), 7)
+    assert relative_error(guided, plain) < 1e-5
+
+
+@pytest.mark.parametrize("guided", [False, True])
 def test_compiled_predictor_compiles_each_forward_kind_once(
-    unet: UNet3DConditionModel,
+    unet: UNet3DConditionModel, guided: bool
 ) -> None:
     """A server warms up batch sizes 1..max_batch of the exact and DeepCache forwards:
     with the batch marked dynamic that is one compile per kind, not one per size (about
@@ -130,7 +143,7 @@ def test_compiled_predictor_compiles_each_forward_kind_once(
 
     torch._dynamo.reset()
     counters.clear()
-    predictor = CompiledPredictor(unet, backend="eager")  # dynamic=None: the server's
+    predictor = CompiledPredictor(unet, backend="eager", guided=guided)  # dynamic=None
     timestep = torch.full((1,), 500)
     with torch.inference_mode():
         for b in (1, 2, 3):
@@ -142,16 +155,19 @@ def test_compiled_predictor_compiles_each_forward_kind_once(
             cache = DeepCacheState()
             predictor._forward(sample, timestep, audio, cache, refresh=True)
             shallow = predictor._forward(sample, timestep, audio, cache, refresh=False)
-            assert torch.equal(exact, unet(sample, timestep, audio))
-            assert torch.equal(shallow, unet(sample, timestep, audio, cache=cache))
+            assert torch.equal(exact, unet(sample, timestep, audio, guided=guided))
+            assert torch.equal(shallow, unet(sample, timestep, audio, cache=cache,
+                                             guided=guided))
     assert counters["stats"]["unique_graphs"] == 3  # exact, refresh, shallow
     torch._dynamo.reset()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("interval", [1, 3])
-def test_graph_predictor_matches_eager(unet: UNet3DConditionModel, interval: int) -> None:
+@pytest.mark.parametrize(("interval", "guided"), [(1, False), (3, False), (1, True)])
+def test_graph_predictor_matches_eager(
+    unet: UNet3DConditionModel, interval: int, guided: bool
+) -> None:
     model = UNet3DConditionModel(unet.config).cuda().eval()
     model.load_state_dict(unet.state_dict())
     noise, conditions, audio = chunk_inputs(6, "cuda")
@@ -159,7 +175,7 @@ def test_graph_predictor_matches_eager(unet: UNet3DConditionModel, interval: int
         eager = denoise(
             UNetPredictor(model, interval), make_scheduler(), noise, conditions, audio, steps=STEPS
         )
-        graphs = GraphPredictor(model, interval)
+        graphs = GraphPredictor(model, interval, guided=guided)
         replayed = denoise(graphs, make_scheduler(), noise, conditions, audio, steps=STEPS)
         again = denoise(graphs, make_scheduler(), noise, conditions, audio, steps=STEPS)
     assert replayed.shape == eager.shape

@@ -16,7 +16,7 @@ from media.latentsync.checkpoint import (
     read_manifest,
 )
 from media.latentsync.config import UNetConfig
-from media.latentsync.unet import UNet3DConditionModel
+from media.latentsync.unet import DeepCacheState, UNet3DConditionModel
 from media.latentsync.verify import FAITHFUL_RELATIVE_ERROR, relative_error, verify_unet
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("torch_one_thread")]
@@ -198,3 +198,60 @@ def test_config_rejects_unknown_and_unsupported_values(fixtures: Path) -> None:
         UNetConfig.from_dict({"typo": 1})
     with pytest.raises(ConfigError, match="resnet_time_scale_shift"):
         UNetConfig.from_dict({"resnet_time_scale_shift": "scale_shift"})
+
+
+@pytest.mark.parametrize(
+    "kernels",
+    [
+        {"channels_last": False, "temporal_attention": "sdpa"},
+        {"channels_last": True, "temporal_attention": "math"},
+    ],
+)
+def test_guided_forward_computes_the_pair_of_the_plain_one(
+    fixtures: Path, tiny_config: UNetConfig, golden: dict[str, torch.Tensor], kernels: dict
+) -> None:
+    """A classifier-free-guidance pair (the same latents twice, all-zero audio for the
+    first half) through the guided forward, which runs the shared part once and the
+    silent half's cross-attentions as their bias: the plain forward's result, and the
+    conditional half is the golden output. Also under DeepCache's shallow step."""
+    model = load_unet(tiny_config, fixtures / "tiny_unet_weights.safetensors")
+    model.set_kernels(**kernels)
+    sample = torch.cat([golden["sample"], golden["sample"]])
+    audio = torch.cat([torch.zeros_like(golden["audio"]), golden["audio"]])
+    t = golden["timestep"]
+    layouts: list[bool] = []
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() == 5 and x.shape[-2:] != (1, 1):
+            layouts.append(x.is_contiguous(memory_format=torch.channels_last_3d))
+
+    with torch.inference_mode():
+        plain = model(sample, t, audio)
+        handles = [m.register_forward_pre_hook(record) for m in model.up_blocks.modules()]
+        guided = model(sample, t, audio, guided=True)
+        for handle in handles:
+            handle.remove()
+        # DeepCache: a refresh then a shallow step, each way.
+        caches = [DeepCacheState(), DeepCacheState()]
+        for cache, flag in zip(caches, (False, True), strict=True):
+            model(sample, t, audio, cache=cache, guided=flag)
+            cache.refresh = False
+        shallow = [model(sample, t, audio, cache=c, guided=f)
+                   for c, f in zip(caches, (False, True), strict=True)]
+    assert guided.shape == plain.shape
+    assert relative_error(guided, plain) < 1e-5
+    half = golden["sample"].shape[0]
+    assert relative_error(guided[half:], golden["expected"]) < FAITHFUL_RELATIVE_ERROR
+    assert relative_error(shallow[1], shallow[0]) < 1e-5
+    assert relative_error(guided[:half], guided[half:]) > 5e-3  # the halves do differ
+    assert all(layouts) == kernels["channels_last"] and len(layouts) > 20
+
+
+def test_guided_forward_needs_a_pair(
+    tiny_unet: UNet3DConditionModel, golden: dict[str, torch.Tensor]
+) -> None:
+    one = golden["sample"][:1]
+    frames = one.shape[2]
+    with torch.inference_mode(), pytest.raises(ValueError, match="guided needs an even batch"):
+        tiny_unet(one, golden["timestep"], golden["audio"][:frames], guided=True)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 
 import torch
+import torch.fx.experimental._config as fx_config
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -119,10 +120,17 @@ class _StepClock:
 
 
 class UNetPredictor:
-    """Eager UNet calls; DeepCache when `cache_interval` > 1 (1 is the exact UNet)."""
+    """Eager UNet calls; DeepCache when `cache_interval` > 1 (1 is the exact UNet).
 
-    def __init__(self, unet: UNet3DConditionModel, cache_interval: int = 1) -> None:
+    `guided`: every call is a classifier-free-guidance pair (the pipeline's: equal
+    halves, all-zero audio first), run by the UNet's guided forward, which computes the
+    shared part once (`UNet3DConditionModel.forward`). The same for every predictor.
+    """
+
+    def __init__(self, unet: UNet3DConditionModel, cache_interval: int = 1,
+                 guided: bool = False) -> None:
         self.unet = unet
+        self.guided = guided
         self._clock = _StepClock(cache_interval)
         self._cache = DeepCacheState() if cache_interval > 1 else None
 
@@ -138,7 +146,8 @@ class UNetPredictor:
         refresh = self._clock.tick()
         if self._cache is not None:
             self._cache.refresh = refresh
-        out: torch.Tensor = self.unet(latent_model_input, t, audio, cache=self._cache)
+        out: torch.Tensor = self.unet(latent_model_input, t, audio, cache=self._cache,
+                                      guided=self.guided)
         return out
 
 
@@ -172,8 +181,10 @@ class GraphPredictor:
         unet: UNet3DConditionModel,
         cache_interval: int = 1,
         sdpa: Sequence[SDPBackend] | None = None,
+        guided: bool = False,
     ) -> None:
         self.unet = unet
+        self.guided = guided
         self._run: Callable[..., torch.Tensor] = unet  # what the graphs capture
         self._clock = _StepClock(cache_interval)
         self._sdpa = list(sdpa) if sdpa is not None else None
@@ -280,7 +291,7 @@ class GraphPredictor:
     ) -> torch.Tensor:
         if cache is not None:
             cache.refresh = refresh
-        return self._run(sample, timestep, audio, cache=cache)
+        return self._run(sample, timestep, audio, cache=cache, guided=self.guided)
 
 
 # The UNet's execution choices (`UNet3DConditionModel.set_kernels`) for compiled forwards
@@ -331,8 +342,9 @@ class CompiledPredictor(GraphPredictor):
         options: dict[str, Any] | None = None,
         backend: str = "inductor",
         kernels: dict[str, Any] | None | str = "auto",
+        guided: bool = False,
     ) -> None:
-        super().__init__(unet, cache_interval, sdpa)
+        super().__init__(unet, cache_interval, sdpa, guided)
         apply_kernels(unet, kernels)
         self.mode = mode
         self._mark_batch = dynamic is None
@@ -358,7 +370,13 @@ class CompiledPredictor(GraphPredictor):
                 batched.append(cache.deep)
             for tensor in batched:
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        return super()._forward(sample, timestep, audio, cache, refresh=refresh)
+        if not self.guided:
+            return super()._forward(sample, timestep, audio, cache, refresh=refresh)
+        # The guided forward's half batch is 1 for one chunk: traced as it is, its reshapes
+        # would guard on that size and the next batch size compile again. Size-oblivious
+        # tracing keeps one graph for every size (the batch dimension never broadcasts).
+        with fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
+            return super()._forward(sample, timestep, audio, cache, refresh=refresh)
 
 
 def denoise(

@@ -437,6 +437,6 @@ class AotPredictor(GraphPredictor):
         elif refresh:
             out, cache.deep = self._runner("refresh", *shapes)(sample, timestep, audio)
         else:
-            deep = UNet3DConditionModel._cached_deep(cache, sample)
+            deep = UNet3DConditionModel._cached_deep(cache, sample, sample.shape[0])
             out = self._runner("shallow", *shapes)(sample, timestep, audio, deep)
         return out

@@ -111,6 +111,14 @@ class Attention(nn.Module):
         projected: torch.Tensor = self.to_out[0](out)
         return projected
 
+    def zero_context_output(self) -> torch.Tensor:
+        """(C,) what every query's output is when the context is all zeros: `to_k` and
+        `to_v` have no bias, so keys and values are zero, the attended value is 0 and
+        the output projection leaves its bias."""
+        linear = self.to_out[0]
+        assert isinstance(linear, nn.Linear) and linear.bias is not None
+        return linear.bias
+
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         # (N, S, C) -> (N, heads, S, C/heads)
         n, s, c = x.shape

@@ -68,10 +68,12 @@ class NoisePredictor(Protocol):
 
 
 class EagerNoisePredictor:
-    """The default NoisePredictor: the UNet's forward, as it is."""
+    """The default NoisePredictor: the UNet's forward, as it is (`guided`: its guided
+    forward, for calls that are all guidance pairs)."""
 
-    def __init__(self, unet: UNet3DConditionModel) -> None:
+    def __init__(self, unet: UNet3DConditionModel, guided: bool = False) -> None:
         self.unet = unet
+        self.guided = guided
 
     def reset(self) -> None:
         """Stateless."""
@@ -79,7 +81,7 @@ class EagerNoisePredictor:
     def __call__(
         self, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor
     ) -> torch.Tensor:
-        out: torch.Tensor = self.unet(sample, timestep, audio)
+        out: torch.Tensor = self.unet(sample, timestep, audio, guided=self.guided)
         return out
 
 
@@ -212,7 +214,8 @@ class ChunkDenoiser:
         self.models = models
         self.inference_steps = inference_steps
         self.guidance_scale = guidance_scale
-        self.predictor: NoisePredictor = predictor or EagerNoisePredictor(models.unet)
+        self.predictor: NoisePredictor = predictor or EagerNoisePredictor(
+            models.unet, guided=self.guided)
         # A factory: multistep schedulers keep per-loop state, so each loop gets a fresh one.
         self.make_scheduler = scheduler
         self.seed = seed

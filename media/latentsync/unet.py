@@ -167,6 +167,7 @@ class UNet3DConditionModel(nn.Module):
         timestep: torch.Tensor | int | float,
         encoder_hidden_states: torch.Tensor,
         cache: DeepCacheState | None = None,
+        guided: bool = False,
     ) -> torch.Tensor:
         """Predict noise.
 
@@ -174,11 +175,20 @@ class UNet3DConditionModel(nn.Module):
         (pass a tensor when compiling: a Python number is baked into the graph);
         encoder_hidden_states: (B*F, 50, 384) audio features, batch-major (index b*F + f);
         cache: DeepCache state (see `DeepCacheState`); None runs the exact UNet.
+        guided: the batch is a classifier-free-guidance pair, as the pipeline builds it:
+        its two halves of `sample` are equal and the first half's audio rows are all
+        zero (the caller's promise; nothing checks it). The shared part is then computed
+        once: everything before the first cross-attention runs on one half, and each
+        cross-attention of the unconditional half is its output projection's bias
+        (all-zero features give zero keys and values: `to_k` and `to_v` have no bias).
+        The result equals the plain forward's up to float reordering.
         Returns (B, out_channels, F, H, W).
         """
-        self._check_inputs(sample, encoder_hidden_states)
+        self._check_inputs(sample, encoder_hidden_states, guided)
         b = sample.shape[0]
         audio = encoder_hidden_states
+        if guided:  # one copy of the pair, and the conditional audio rows
+            sample, audio = sample[b // 2 :], audio[audio.shape[0] // 2 :]
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 
@@ -190,17 +200,20 @@ class UNet3DConditionModel(nn.Module):
 
         if self.channels_last:
             sample = sample.contiguous(memory_format=torch.channels_last_3d)
-        x = self.conv_in(sample)  # (B, C0, F, H, W)
+        x = self.conv_in(sample)  # (B, C0, F, H, W); with guided (B/2, ...)
         k = self.config.layers_per_block + 1  # skips (and layers) of each up block
         last = self._last_up_block()  # full resolution; never upsamples
         if cache is not None and not cache.refresh:
-            deep = self._cached_deep(cache, x)
-            x = last.layer(k - 1, deep, x, temb, audio)  # the skip is conv_in's output
+            deep = self._cached_deep(cache, x, b)
+            skip = torch.cat([x, x]) if guided else x
+            x = last.layer(k - 1, deep, skip, temb, audio)  # the skip is conv_in's output
             return self._head(x)
 
-        skips = [x]
-        for down in self.down_blocks:
-            x, states = down(x, temb, audio)  # (B, C_i, F, H_i, W_i), halved but at the last
+        skips = [torch.cat([x, x]) if guided else x]
+        for i, down in enumerate(self.down_blocks):
+            # The first block turns one copy of the pair into both halves at its first
+            # cross-attention.
+            x, states = down(x, temb, audio, split=guided and i == 0)
             skips.extend(states)
 
         x = self.mid_block(x, temb, audio)  # (B, C_last, F, H/2^(n-1), W/2^(n-1))
@@ -227,23 +240,28 @@ class UNet3DConditionModel(nn.Module):
         return out
 
     @staticmethod
-    def _cached_deep(cache: DeepCacheState, x: torch.Tensor) -> torch.Tensor:
+    def _cached_deep(cache: DeepCacheState, x: torch.Tensor, rows: int) -> torch.Tensor:
         deep = cache.deep
         if deep is None:
             raise ValueError("DeepCache: a step without refresh needs an earlier refresh step")
-        if deep.shape[0] != x.shape[0] or deep.shape[2:] != x.shape[2:]:
+        if deep.shape[0] != rows or deep.shape[2:] != x.shape[2:]:
             raise ValueError(
                 f"DeepCache: cached features {tuple(deep.shape)} do not fit input {tuple(x.shape)}"
             )
         return deep
 
-    def _check_inputs(self, sample: torch.Tensor, audio: torch.Tensor) -> None:
+    def _check_inputs(self, sample: torch.Tensor, audio: torch.Tensor, guided: bool) -> None:
         cfg = self.config
         if sample.ndim != 5 or sample.shape[1] != cfg.in_channels:
             raise ValueError(
                 f"sample must be (B, {cfg.in_channels}, F, H, W), got {tuple(sample.shape)}"
             )
         b, _, f = sample.shape[:3]
+        if guided and (b % 2 or not cfg.add_audio_layer):
+            raise ValueError(
+                "guided needs an even batch (the unconditional half, then the conditional)"
+                f" and a UNet with audio layers; got B={b}, audio layers {cfg.add_audio_layer}"
+            )
         if audio.ndim != 3 or audio.shape[0] != b * f or audio.shape[2] != cfg.cross_attention_dim:
             raise ValueError(
                 f"encoder_hidden_states must be (B*F={b * f}, S, {cfg.cross_attention_dim}),"

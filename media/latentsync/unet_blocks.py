@@ -72,11 +72,25 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn="geglu")
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        # x: (B*F, H*W, C); audio: (B*F, S_audio, C_audio) -> (B*F, H*W, C)
+    def forward(self, x: torch.Tensor, audio: torch.Tensor, split: bool = False) -> torch.Tensor:
+        """x: (N, H*W, C) tokens of N frames; audio: (M, S_audio, C_audio), M <= N: the
+        features of the last M frames, the first N - M frames' features being all zero
+        (a guidance pair's unconditional half). split: x is one copy of such a pair
+        (N = M); it becomes both halves after the self-attention. -> (N, H*W, C), or
+        (2N, H*W, C) with split."""
         x = self.attn1(self.norm1(x)) + x
+        if split:
+            x = torch.cat([x, x])  # (2N, H*W, C)
+        silent = x.shape[0] - audio.shape[0]  # leading frames whose features are zero
+        if silent < 0:
+            raise ValueError(f"{audio.shape[0]} audio rows for {x.shape[0]} frames")
         if self.attn2 is not None and self.norm2 is not None:
-            x = self.attn2(self.norm2(x), audio) + x
+            if silent == 0:
+                x = self.attn2(self.norm2(x), audio) + x
+            else:
+                heard = x[silent:]
+                x = torch.cat([x[:silent] + self.attn2.zero_context_output(),
+                               self.attn2(self.norm2(heard), audio) + heard])
         out: torch.Tensor = self.ff(self.norm3(x)) + x
         return out
 
@@ -91,15 +105,19 @@ class SpatialTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, audio_dim)])
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
 
-    def forward(self, x: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        # x: (B, C, F, H, W); audio: (B*F, S_audio, C_audio) -> (B, C, F, H, W)
+    def forward(self, x: torch.Tensor, audio: torch.Tensor, split: bool = False) -> torch.Tensor:
+        # x: (B, C, F, H, W); audio: (B'*F, S_audio, C_audio), the last B' <= B items' (see
+        # BasicTransformerBlock) -> (B, C, F, H, W); split: x is one copy of a guidance
+        # pair, B' = B -> (2B, C, F, H, W)
         f, h, w = x.shape[2:]
         y = self.proj_in(self.norm(frames_to_batch(x)))  # (B*F, C, H, W)
-        bf, c = y.shape[:2]
-        y = y.permute(0, 2, 3, 1).reshape(bf, h * w, c)  # (B*F, H*W, C)
-        for block in self.transformer_blocks:
-            y = block(y, audio)
-        y = y.view(bf, h, w, c).permute(0, 3, 1, 2)  # (B*F, C, H, W)
+        c = y.shape[1]
+        y = y.permute(0, 2, 3, 1).reshape(y.shape[0], h * w, c)  # (B*F, H*W, C)
+        for i, block in enumerate(self.transformer_blocks):
+            y = block(y, audio, split=split and i == 0)
+        y = y.view(y.shape[0], h, w, c).permute(0, 3, 1, 2)  # (B*F or 2B*F, C, H, W)
+        if split:
+            x = torch.cat([x, x])
         return batch_to_frames(self.proj_out(y), f) + x
 
 
@@ -148,14 +166,23 @@ class DownBlock3D(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor
+        self, x: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor, split: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        # x: (B, C_in, F, H, W) -> (B, C_out, F, H/2, W/2) and the skip tensors for the up path
+        # x: (B, C_in, F, H, W) -> (B, C_out, F, H/2, W/2) and the skip tensors for the up
+        # path. split: x is one copy of a guidance pair (temb still the pair's (2B,) rows),
+        # doubled at the first cross-attention (or after the first resnet, without one)
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
-            if len(self.attentions) > 0:
-                x = self.attentions[i](x, audio)
+            if split and i == 0:
+                x = resnet(x, temb[: x.shape[0]])  # the halves' embeddings are equal
+                if len(self.attentions) > 0:
+                    x = self.attentions[i](x, audio, split=True)
+                else:
+                    x = torch.cat([x, x])
+            else:
+                x = resnet(x, temb)
+                if len(self.attentions) > 0:
+                    x = self.attentions[i](x, audio)
             x = self.motion_modules[i](x)
             skips.append(x)
         if self.downsamplers is not None:
