@@ -56,7 +56,13 @@ if recipe == "runner":  # no package loader: the model container of the extracte
             libs[0], 1, "cuda:0", os.path.dirname(libs[0]))
     else:
         runner = torch._C._aoti.AOTIModelContainerRunnerCpu(libs[0], 1)
-    print("loaded; constants", len(runner.get_constant_names_to_original_fqns()), flush=True)
+    names = runner.get_constant_names_to_original_fqns()  # internal name -> module's name
+    print("loaded; constants", len(names), flush=True)
+    if weightless:
+        state = torch.load(state_path, weights_only=True)
+        runner.update_constant_buffer({k: state[fqn].to(device) for k, fqn in names.items()},
+                                      False, True, False)
+        print("constants bound", flush=True)
     inputs = [t.to(device) for t in torch.load(inputs_path, weights_only=True)]
     out = runner.run(inputs)
 else:
@@ -120,8 +126,6 @@ def run_case(name: str, module: nn.Module, program: torch.export.ExportedProgram
     weightless = configs.get("aot_inductor.package_constants_in_so") is False
     rows = []
     for recipe in recipes:
-        if recipe == "runner" and weightless:
-            continue  # the bare runner has no weights to run with
         row: dict[str, Any] = {"case": name, "recipe": recipe, "configs": configs,
                                "compile_s": compile_s,
                                "size_mib": round(path.stat().st_size / 2**20, 2)}

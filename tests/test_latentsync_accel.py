@@ -166,8 +166,11 @@ def test_compiled_predictor_compiles_each_forward_kind_once(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("interval", "guided"), [(1, False), (3, False), (1, True)])
 def test_graph_predictor_matches_eager(
-    unet: UNet3DConditionModel, interval: int, guided: bool
+    unet: UNet3DConditionModel, interval: int, guided: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # float32 convolutions: the guided forward's half batches may get other cuDNN kernels,
+    # whose TF32 rounding alone would differ by 1e-3.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = UNet3DConditionModel(unet.config).cuda().eval()
     model.load_state_dict(unet.state_dict())
     noise, conditions, audio = chunk_inputs(6, "cuda")
