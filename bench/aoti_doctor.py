@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,9 @@ print("ran", [tuple(o.shape) for o in (out if isinstance(out, (list, tuple)) els
 # Loader recipes: "package" (aoti_load_package in a fresh process, as the server's probe
 # does), "init" (the same after CUDA is initialised), "metadata" (only reading the
 # package's metadata), "runner" (the extracted library through the bare model container
-# runner, no package loader), "gdb" (the "init" recipe under gdb: the native backtrace).
-RECIPES = ("package", "init", "metadata", "runner", "gdb")
+# runner, no package loader), "gdb" (the "init" recipe under gdb: the native backtrace),
+# "ldd" (the CUDA, torch and C++ libraries the package's wrapper library links).
+RECIPES = ("package", "init", "metadata", "runner", "gdb", "ldd")
 
 
 class Small(nn.Module):
@@ -140,6 +142,17 @@ def load_in_child(path: Path, weightless: bool, inputs_path: Path, state_path: P
     """Run CHILD with one recipe; "ok: ..." or "FAILED (...)" with its last lines."""
     args = [sys.executable, "-c", CHILD, str(path), "1" if weightless else "0",
             str(inputs_path), str(state_path), device, "init" if recipe == "gdb" else recipe]
+    if recipe == "ldd":  # what the wrapper library links (a second CUDA runtime?)
+        with tempfile.TemporaryDirectory() as folder:
+            zipfile.ZipFile(path).extractall(folder)
+            libs = sorted(Path(folder).rglob("*.so"))
+            if not libs:
+                return "no library in the package"
+            ldd = subprocess.run(["ldd", str(libs[0])], capture_output=True, text=True,
+                                 check=False)
+        linked = [ln.strip() for ln in ldd.stdout.splitlines()
+                  if any(x in ln for x in ("cuda", "torch", "c10", "not found", "stdc++"))]
+        return "links: " + " | ".join(linked)
     if recipe == "gdb":
         gdb = shutil.which("gdb")
         if gdb is None:

@@ -80,7 +80,27 @@ def test_kernel_matches_attention(dtype: torch.dtype, frames: int, width: int) -
     tolerance = 2e-3 if dtype == torch.float16 else 1e-5
     assert relative_error(got.float(), expected) < tolerance, "eager"
     compiled = torch.compile(lambda *t: fa.frame_attention(*t, 8), fullgraph=True)
-    assert relative_error(compiled(q, k, v).float(), expected) < tolerance, "compiled"
+    try:
+        assert relative_error(compiled(q, k, v).float(), expected) < tolerance, "compiled"
+    finally:
+        torch._dynamo.reset()  # each case compiles afresh (the lambda's code is shared)
+
+
+@pytest.mark.gpu
+@CUDA_TRITON
+@COMPILER_WARNINGS
+def test_kernel_under_dynamic_shapes() -> None:
+    """Compiled with symbolic sizes (a renderer marks the batch dynamic): one graph serves
+    every number of pixels, the head width specialised."""
+    compiled = torch.compile(lambda *t: fa.frame_attention(*t, 8), fullgraph=True,
+                             dynamic=True)
+    try:
+        for n in (64, 200):
+            q, k, v = projections(n, 16, 640, "cuda", torch.float16)
+            got = compiled(q, k, v)
+            assert relative_error(got.float(), sdpa(q, k, v, 8)) < 2e-3, n
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.gpu

@@ -52,8 +52,8 @@ if AVAILABLE:
 
     @triton.jit
     def _frame_attention_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, seq, head_dim, width, scale,
-        S: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+        q_ptr, k_ptr, v_ptr, o_ptr, seq, head_dim, width,
+        S: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
     ):
         n = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
@@ -68,7 +68,8 @@ if AVAILABLE:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))
-        scores = scores * scale
+        scores = scores * SCALE  # a constexpr: float32 (a float argument compiled by
+        # Inductor would be float64, and symbolic under dynamic shapes)
         scores = tl.where(rows[None, :] < seq, scores, float("-inf"))  # padded keys
         scores = scores - tl.max(scores, axis=1)[:, None]
         weights = tl.exp(scores)
@@ -85,12 +86,12 @@ if AVAILABLE:
     ) -> torch.Tensor:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         n, s, c = q.shape
-        d = c // heads
+        d = int(c // heads)  # static per layer (a symbolic width is specialised here)
         out = torch.empty_like(q)
         block_d = _pow2(d)
         wrap_triton(_frame_attention_kernel)[(n, heads)](
-            q, k, v, out, s, d, c, d**-0.5,
-            S=_pow2(s), D=block_d, IEEE=q.dtype == torch.float32,
+            q, k, v, out, s, d, c,
+            S=_pow2(int(s)), D=block_d, SCALE=d**-0.5, IEEE=q.dtype == torch.float32,
             num_warps=1 if block_d <= 64 else 2 if block_d <= 128 else 4,
         )
         return out
