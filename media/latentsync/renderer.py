@@ -192,10 +192,14 @@ def noise_predictor_for(config: LatentSyncConfig, models: LatentSyncModels,
 def compiled_kernels(config: LatentSyncConfig, models: LatentSyncModels
                      ) -> dict[str, Any] | None:
     """The UNet's execution choices for compiled forwards: `accel.COMPILED_KERNELS` with
-    `frame_attention`'s kernel on CUDA; None (the defaults) elsewhere."""
+    `frame_attention`'s kernel on CUDA ("auto": the Triton kernel where Triton is
+    installed); None (the defaults) elsewhere."""
     if models.device.type != "cuda":
         return None
-    temporal = "triton" if config.frame_attention == "triton" else "math"
+    if config.frame_attention == "auto":
+        temporal = "triton" if frame_attention.AVAILABLE else "math"
+    else:
+        temporal = "triton" if config.frame_attention == "triton" else "math"
     if temporal == "triton" and not frame_attention.AVAILABLE:
         raise ConfigError("renderer.latentsync.frame_attention: 'triton' needs Triton (CUDA"
                           " builds of torch ship it); use 'matmul'")
