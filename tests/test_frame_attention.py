@@ -33,32 +33,31 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch
 
 
 def test_the_triton_kernel_is_a_config_choice_that_needs_triton() -> None:
-    """Compiled forwards on CUDA use the kernel where Triton is installed ("auto") and the
-    matmul form elsewhere or when asked; asking for the kernel where Triton is missing is
-    a clear error, not a crash at the first chunk."""
+    """Compiled forwards on CUDA use the matmul form unless the config asks for the kernel
+    ("triton", or "auto" where Triton is installed); asking for it where Triton is
+    missing is a clear error, not a crash at the first chunk."""
     from agent.config import LatentSyncConfig
     from agent.errors import ConfigError
     from media.latentsync.renderer import compiled_kernels
     from tests.latentsyncutil import tiny_models
 
-    assert LatentSyncConfig().frame_attention == "auto"
+    assert LatentSyncConfig().frame_attention == "matmul"
     models = tiny_models()  # CPU: compiled forwards keep the default kernels there
     assert compiled_kernels(LatentSyncConfig(frame_attention="triton"), models) is None
     unet = tiny_unet_for_runners()
+    cuda_models = type("Models", (), {"device": torch.device("cuda")})()
     if not fa.AVAILABLE:
         with pytest.raises(ValueError, match="needs Triton and a CUDA GPU"):
             unet.set_kernels(temporal_attention="triton")
-        cuda_models = type("Models", (), {"device": torch.device("cuda")})()
         with pytest.raises(ConfigError, match="frame_attention: 'triton' needs Triton"):
             compiled_kernels(LatentSyncConfig(frame_attention="triton"), cuda_models)
-        assert compiled_kernels(LatentSyncConfig(), cuda_models) == {
+        assert compiled_kernels(LatentSyncConfig(frame_attention="auto"), cuda_models) == {
             "channels_last": True, "temporal_attention": "math"}  # auto, without Triton
     else:
-        cuda_models = type("Models", (), {"device": torch.device("cuda")})()
-        assert compiled_kernels(LatentSyncConfig(), cuda_models) == {
+        assert compiled_kernels(LatentSyncConfig(frame_attention="auto"), cuda_models) == {
             "channels_last": True, "temporal_attention": "triton"}
-        assert compiled_kernels(LatentSyncConfig(frame_attention="matmul"), cuda_models) == {
-            "channels_last": True, "temporal_attention": "math"}
+    assert compiled_kernels(LatentSyncConfig(), cuda_models) == {
+        "channels_last": True, "temporal_attention": "math"}
 
 
 def test_reference_is_multi_head_attention_with_heads_side_by_side() -> None:

@@ -131,9 +131,8 @@ def test_guided_predictor_runs_the_loop_of_the_plain_unet(
     assert relative_error(guided, plain) < 1e-5
 
 
-@pytest.mark.parametrize("guided", [False, True])
 def test_compiled_predictor_compiles_each_forward_kind_once(
-    unet: UNet3DConditionModel, guided: bool
+    unet: UNet3DConditionModel,
 ) -> None:
     """A server warms up batch sizes 1..max_batch of the exact and DeepCache forwards:
     with the batch marked dynamic that is one compile per kind, not one per size (about
@@ -143,7 +142,7 @@ def test_compiled_predictor_compiles_each_forward_kind_once(
 
     torch._dynamo.reset()
     counters.clear()
-    predictor = CompiledPredictor(unet, backend="eager", guided=guided)  # dynamic=None
+    predictor = CompiledPredictor(unet, backend="eager")  # dynamic=None: the server's
     timestep = torch.full((1,), 500)
     with torch.inference_mode():
         for b in (1, 2, 3):
@@ -155,10 +154,33 @@ def test_compiled_predictor_compiles_each_forward_kind_once(
             cache = DeepCacheState()
             predictor._forward(sample, timestep, audio, cache, refresh=True)
             shallow = predictor._forward(sample, timestep, audio, cache, refresh=False)
-            assert torch.equal(exact, unet(sample, timestep, audio, guided=guided))
-            assert torch.equal(shallow, unet(sample, timestep, audio, cache=cache,
-                                             guided=guided))
+            assert torch.equal(exact, unet(sample, timestep, audio))
+            assert torch.equal(shallow, unet(sample, timestep, audio, cache=cache))
     assert counters["stats"]["unique_graphs"] == 3  # exact, refresh, shallow
+    torch._dynamo.reset()
+
+
+def test_guided_compiled_predictor_is_static_and_computes_the_guided_forward(
+    unet: UNet3DConditionModel,
+) -> None:
+    """The guided forward compiles with concrete shapes, one graph per size and kind,
+    without graph breaks; with a symbolic batch it is refused (see CompiledPredictor)."""
+    from torch._dynamo.utils import counters
+
+    with pytest.raises(ValueError, match="needs static shapes"):
+        CompiledPredictor(unet, backend="eager", guided=True)
+    torch._dynamo.reset()
+    counters.clear()
+    predictor = CompiledPredictor(unet, backend="eager", guided=True, dynamic=False)
+    timestep = torch.full((1,), 500)
+    with torch.inference_mode():
+        for b in (1, 2):
+            sample = torch.randn(2 * b, 13, 16, H, W)
+            audio = torch.randn(2 * b * 16, 50, 384)
+            out = predictor._forward(sample, timestep, audio, None, refresh=True)
+            assert torch.equal(out, unet(sample, timestep, audio, guided=True))
+    assert counters["stats"]["unique_graphs"] == 2
+    assert not counters["graph_break"]
     torch._dynamo.reset()
 
 

@@ -26,6 +26,18 @@ def batch_to_frames(x: torch.Tensor, num_frames: int) -> torch.Tensor:
     return x.view(bf // num_frames, num_frames, c, h, w).transpose(1, 2)
 
 
+def halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2N, ...) -> the first and the second (N, ...) along dim 0 (views). Written as a
+    view and an index, not slices: with a symbolic N a slice's bounds need guards."""
+    pair = x.view(2, -1, *x.shape[1:])
+    return pair[0], pair[1]
+
+
+def second_half(x: torch.Tensor) -> torch.Tensor:
+    """(2N, ...) -> (N, ...), the second half along dim 0 (a view)."""
+    return halves(x)[1]
+
+
 class FrameConv2d(nn.Conv2d):
     """A 2D convolution applied to every frame of a video; weights keep the 2D shape."""
 

@@ -22,7 +22,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from media.latentsync.config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, UNetConfig
-from media.latentsync.layers import FrameConv2d
+from media.latentsync.layers import FrameConv2d, second_half
 from media.latentsync.motion import TemporalAttention
 from media.latentsync.unet_blocks import DownBlock3D, MidBlock3D, UpBlock3D
 
@@ -188,7 +188,7 @@ class UNet3DConditionModel(nn.Module):
         b = sample.shape[0]
         audio = encoder_hidden_states
         if guided:  # one copy of the pair, and the conditional audio rows
-            sample, audio = sample[b // 2 :], audio[audio.shape[0] // 2 :]
+            sample, audio = second_half(sample), second_half(audio)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
 

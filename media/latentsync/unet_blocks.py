@@ -15,7 +15,14 @@ from diffusers.models.attention import FeedForward
 from torch import nn
 
 from media.latentsync.config import MotionModuleConfig
-from media.latentsync.layers import Attention, FrameConv2d, batch_to_frames, frames_to_batch
+from media.latentsync.layers import (
+    Attention,
+    FrameConv2d,
+    batch_to_frames,
+    frames_to_batch,
+    halves,
+    second_half,
+)
 from media.latentsync.motion import MotionModule
 
 
@@ -73,24 +80,23 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, audio: torch.Tensor, split: bool = False) -> torch.Tensor:
-        """x: (N, H*W, C) tokens of N frames; audio: (M, S_audio, C_audio), M <= N: the
-        features of the last M frames, the first N - M frames' features being all zero
-        (a guidance pair's unconditional half). split: x is one copy of such a pair
-        (N = M); it becomes both halves after the self-attention. -> (N, H*W, C), or
+        """x: (N, H*W, C) tokens of N frames; audio: (N, S_audio, C_audio), or (N/2, ...):
+        the features of the last N/2 frames, the first half's being all zero (a guidance
+        pair's unconditional half). split: x is one copy of such a pair (audio has as
+        many rows); it becomes both halves after the self-attention. -> (N, H*W, C), or
         (2N, H*W, C) with split."""
         x = self.attn1(self.norm1(x)) + x
         if split:
             x = torch.cat([x, x])  # (2N, H*W, C)
-        silent = x.shape[0] - audio.shape[0]  # leading frames whose features are zero
-        if silent < 0:
-            raise ValueError(f"{audio.shape[0]} audio rows for {x.shape[0]} frames")
         if self.attn2 is not None and self.norm2 is not None:
-            if silent == 0:
+            if audio.shape[0] == x.shape[0]:
                 x = self.attn2(self.norm2(x), audio) + x
-            else:
-                heard = x[silent:]
-                x = torch.cat([x[:silent] + self.attn2.zero_context_output(),
+            elif 2 * audio.shape[0] == x.shape[0]:
+                silent, heard = halves(x)  # (N/2, H*W, C) each
+                x = torch.cat([silent + self.attn2.zero_context_output(),
                                self.attn2(self.norm2(heard), audio) + heard])
+            else:
+                raise ValueError(f"{audio.shape[0]} audio rows for {x.shape[0]} frames")
         out: torch.Tensor = self.ff(self.norm3(x)) + x
         return out
 
@@ -106,9 +112,9 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor, audio: torch.Tensor, split: bool = False) -> torch.Tensor:
-        # x: (B, C, F, H, W); audio: (B'*F, S_audio, C_audio), the last B' <= B items' (see
+        # x: (B, C, F, H, W); audio: (B*F, S_audio, C_audio), or the last B/2 items' (see
         # BasicTransformerBlock) -> (B, C, F, H, W); split: x is one copy of a guidance
-        # pair, B' = B -> (2B, C, F, H, W)
+        # pair (audio of B items) -> (2B, C, F, H, W)
         f, h, w = x.shape[2:]
         y = self.proj_in(self.norm(frames_to_batch(x)))  # (B*F, C, H, W)
         c = y.shape[1]
@@ -169,12 +175,12 @@ class DownBlock3D(nn.Module):
         self, x: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor, split: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         # x: (B, C_in, F, H, W) -> (B, C_out, F, H/2, W/2) and the skip tensors for the up
-        # path. split: x is one copy of a guidance pair (temb still the pair's (2B,) rows),
+        # path. split: x is one copy of a guidance pair (B/2 rows; temb the pair's (B,)),
         # doubled at the first cross-attention (or after the first resnet, without one)
         skips = []
         for i, resnet in enumerate(self.resnets):
             if split and i == 0:
-                x = resnet(x, temb[: x.shape[0]])  # the halves' embeddings are equal
+                x = resnet(x, second_half(temb))  # the halves' embeddings are equal
                 if len(self.attentions) > 0:
                     x = self.attentions[i](x, audio, split=True)
                 else:
