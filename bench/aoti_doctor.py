@@ -5,9 +5,9 @@ artifacts. This compiles small packages that differ in one thing each (a plain
 linear model; weights in the shared library or bound at load; a buffer; the tiny
 LatentSync UNet with a static or symbolic batch) and loads each in child processes,
 one per loader recipe (see RECIPES: the package loader as the server uses it, after
-CUDA is initialised, its metadata step alone, the bare model container runner, and
-under gdb for the native backtrace), with faulthandler on, so a crash names its case,
-the recipe and the frame it died in.
+CUDA is initialised, its metadata step alone, the bare model container runner, under
+gdb for the native backtrace, and `ldd` of the package's library), with faulthandler on,
+so a crash names its case, the recipe and the frame it died in.
 
     python3 bench/aoti_doctor.py --config tests-or-shared/tiny_unet_config.json
 """
