@@ -129,8 +129,8 @@ def test_an_artifact_the_loader_rejects_or_crashes_on_is_a_clear_error(
     unet: UNet3DConditionModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first load of each package happens in a child process: a broken file, or a
-    loader that dies (torch 2.11's CUDA loader segfaulted on large packages), is an
-    error naming the file and what to do, and this process lives on."""
+    loader that dies (torch 2.11's CUDA loader segfaulted on libraries with a static C++
+    runtime), is an error naming the file and what to do, and this process lives on."""
     path = tmp_path / AotKey.of(unet, "exact", ROW, AUDIO_ROW, 4).filename()
     path.write_bytes(b"not a zip archive")
     with pytest.raises(AotLoadError, match=r"loader fails on it.*delete the artifact"):
@@ -141,6 +141,43 @@ def test_an_artifact_the_loader_rejects_or_crashes_on_is_a_clear_error(
     monkeypatch.setattr(aot_module, "_PROBE", "import os, signal; os.kill(os.getpid(), 11)")
     with pytest.raises(AotLoadError, match="killed by signal 11"):
         probe_load(path)
+
+
+@pytest.mark.slow
+@EXPORT_WARNINGS
+def test_loading_a_package_skips_torchs_cpu_isa_build_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's loader would compile and load a test library per CPU ISA (most of a fresh
+    process's load time on the H100 machines); `load_package` takes the CPU's word."""
+    from torch._inductor import cpu_vec_isa
+
+    layer = torch.nn.Linear(8, 8).eval()
+    program = torch.export.export(layer, (torch.randn(2, 8),))
+    path = tmp_path / "linear.pt2"
+    aot_module.compile_package(program, path)
+    builds: list[str] = []
+    monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build",
+                        lambda isa, code: builds.append(str(isa)) or True)
+
+    def forget() -> None:  # torch caches the ISA answers per process
+        cpu_vec_isa.valid_vec_isa_list.cache_clear()
+        cpu_vec_isa.VecISA._VecISA__bool__impl.cache_clear()  # type: ignore[attr-defined]
+
+    forget()
+    try:
+        torch._inductor.aoti_load_package(str(path))
+        if not cpu_vec_isa.valid_vec_isa_list():
+            pytest.skip("this CPU reports no vector ISA: nothing to probe")
+        assert builds, "torch's own loader probes the ISAs (else this test shows nothing)"
+        builds.clear()
+        forget()
+        runner = aot_module.load_package(path)
+        assert builds == []
+        x = torch.randn(2, 8)
+        assert torch.allclose(runner(x), layer(x), atol=1e-5)
+    finally:
+        forget()
 
 
 @pytest.mark.slow

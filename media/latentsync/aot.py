@@ -11,8 +11,11 @@ The artifacts hold no weights (`aot_inductor.package_constants_in_so=False`, and
 no tensor inlined into the code): at load the live UNet's parameters are bound to
 the compiled model in place, so the GPU keeps one copy, the package is a few MB
 instead of the UNet's 2.4 GB, and one artifact serves every checkpoint of the
-same architecture. (Packages with the 2.4 GB of weights inside segfaulted in
-torch 2.11's CUDA package loader, weights in the .so or in a separate blob.)
+same architecture.
+
+The library is built by a compiler that links the C++ runtime dynamically
+(`toolchain.aoti_compiler`): on the H100 machines, whose g++ wrapper links libstdc++
+statically, torch 2.11's CUDA loader segfaulted on every package, whatever it held.
 
 The cache key names everything an artifact depends on: the UNet config, dtype,
 forward kind, per-row input shapes, batch range, GPU model and torch version.
@@ -32,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,11 +44,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend
 
 from media.latentsync.accel import GraphPredictor, apply_kernels
+from media.latentsync.toolchain import ToolchainError, aoti_compiler
 from media.latentsync.unet import DeepCacheState, UNet3DConditionModel
 from media.latentsync.verify import relative_error
 
 # Names the export/compile recipe below; change it when the recipe changes.
-AOT_RECIPE = "export-dynamic-batch+aoti-weightless-v3"
+AOT_RECIPE = "export-dynamic-batch+aoti-weightless-v4-shared-cxx-runtime"
 # No weights in the package, and none inlined into the generated code (Inductor
 # would otherwise bake small tensors, such as a 4-channel bias, in as literals).
 AOT_INDUCTOR_CONFIGS: dict[str, Any] = {
@@ -73,9 +77,11 @@ class AotLoadError(AotError):
 
 
 # Loads one package in a child process: a loader that crashes (torch 2.11's CUDA loader
-# segfaulted on large packages) takes the child down, not the server.
+# segfaults on libraries built with a static C++ runtime) takes the child down, not the
+# server.
 _PROBE = (
     "import sys, torch;"
+    " torch._inductor.config.cpp.vec_isa_ok = True;"  # see load_package
     " torch._inductor.aoti_load_package(sys.argv[1], device_index=int(sys.argv[2]))"
 )
 PROBE_TIMEOUT_S = 600.0
@@ -168,6 +174,9 @@ class AotLoad:
     compiled_now: bool
     seconds: float  # export + compile + load, or load alone (the check excluded)
     error: float  # relative L2 against the eager UNet at load
+    # Seconds of each step: "compile" (export, compile, store), "probe" (the load in a
+    # test process), "load", "bind" (the weights), "check" (against the eager UNet).
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 def example_inputs(
@@ -237,6 +246,15 @@ def load_or_compile(
     and debugging). `single_threaded`: AOTInductor's mode for running under CUDA graphs.
     """
     start = time.perf_counter()
+    stages: dict[str, float] = {}
+    mark = start
+
+    def stage(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        stages[name] = now - mark
+        mark = now
+
     key = AotKey.of(unet, kind, row_shape, audio_row_shape, max_rows)
     path = Path(cache_dir).expanduser() / key.filename()
     runner: Any
@@ -244,21 +262,39 @@ def load_or_compile(
         if backend == "export":
             runner = export_forward(unet, kind, row_shape, audio_row_shape, max_rows).module()
             compiled_now = True
+            stage("compile")
         else:
             compiled_now = not path.is_file()
             if compiled_now:
                 program = export_forward(unet, kind, row_shape, audio_row_shape, max_rows)
                 _store_package(program, path)
+                stage("compile")
             device = next(unet.parameters()).device
             index = device.index if device.index is not None else -1  # -1: the current one
             probe_load(path, index)
-            runner = torch._inductor.aoti_load_package(
-                str(path), run_single_threaded=single_threaded, device_index=index
-            )
+            stage("probe")
+            runner = load_package(path, single_threaded=single_threaded, device_index=index)
+            stage("load")
             _bind_weights(runner, AotForward(unet, kind), path)
+            stage("bind")
     seconds = time.perf_counter() - start
     error = _check(runner, unet, kind, row_shape, audio_row_shape, path)
-    return runner, AotLoad(kind, path, compiled_now, seconds, error)
+    stage("check")
+    return runner, AotLoad(kind, path, compiled_now, seconds, error, stages)
+
+
+def load_package(path: Path, *, single_threaded: bool = False, device_index: int = -1) -> Any:
+    """torch's package loader without its CPU ISA probe. `aoti_load_package` first
+    compares the package's CPU ISA with this machine's, and finding this machine's builds
+    a test library per ISA and loads each in a new Python process: on the H100 machines
+    38 of the 42 s that a fresh process took to load the UNet artifact (native and
+    Python stack samples, `bench/aoti_doctor.py --package P --recipes sample`). Only a
+    mismatch warning depends on that answer, and the artifact's key already names the
+    GPU and the torch build; `cpp.vec_isa_ok` takes the ISAs the CPU reports as usable."""
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": True}):
+        return torch._inductor.aoti_load_package(
+            str(path), run_single_threaded=single_threaded, device_index=device_index
+        )
 
 
 def probe_load(path: Path, device_index: int = -1) -> None:
@@ -289,13 +325,24 @@ def probe_load(path: Path, device_index: int = -1) -> None:
         marker.touch()
 
 
+def compile_package(program: torch.export.ExportedProgram, path: Path,
+                    configs: dict[str, Any] | None = None) -> None:
+    """AOTInductor's package of `program` at `path`, its library built by
+    `toolchain.aoti_compiler()` (one on the process's C++ runtime: with a static copy,
+    torch 2.11's CUDA loader segfaults). `configs`: Inductor's (default: none)."""
+    settings = {**(configs or {}), "cpp.cxx": (None, aoti_compiler())}
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                             inductor_configs=settings)
+
+
 def _store_package(program: torch.export.ExportedProgram, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")  # AOTI wants a .pt2 suffix
     try:
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(tmp), inductor_configs=dict(AOT_INDUCTOR_CONFIGS)
-        )
+        try:
+            compile_package(program, tmp, AOT_INDUCTOR_CONFIGS)
+        except ToolchainError as exc:
+            raise AotError(str(exc)) from None
         os.replace(tmp, path)  # atomic: a concurrent loader sees no half-written file
     finally:
         tmp.unlink(missing_ok=True)
