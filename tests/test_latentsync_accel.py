@@ -261,3 +261,34 @@ def test_graph_predictor_on_a_second_gpu_while_the_first_works(shared_dir: Path)
     assert isinstance(replayed, torch.Tensor) and isinstance(eager, torch.Tensor)
     assert replayed.device == torch.device("cuda:1")
     assert relative_error(replayed, eager) < 1e-4
+
+
+def test_moving_the_weights_makes_graph_predictors_capture_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A channels-last switch gives the conv weights new memory; graphs captured before it
+    would replay on freed tensors, so the predictor drops them and captures anew.
+    (The capture itself needs CUDA; here it is counted.)"""
+    model = tiny_unet_for_runners()
+    captures: list[tuple[int, ...]] = []
+
+    def capture(self: GraphPredictor, sample_shape: tuple[int, ...], *rest: object) -> object:
+        captures.append(sample_shape)
+        return object()
+
+    monkeypatch.setattr(GraphPredictor, "_capture", capture)
+    pred = GraphPredictor(model)
+    shape, audio = (2, 13, F, H, W), (2 * F, 50, 384)
+    pred.warmup(shape, audio)
+    pred.warmup(shape, audio)
+    assert len(captures) == 1
+    before = model.weights_version
+    model.set_kernels(channels_last=False)  # already contiguous: nothing moves
+    assert model.weights_version == before
+    pred.warmup(shape, audio)
+    assert len(captures) == 1
+    model.set_kernels(channels_last=True)
+    assert model.weights_version == before + 1
+    pred.warmup(shape, audio)
+    assert len(captures) == 2
+    model.set_kernels(channels_last=False)

@@ -188,6 +188,7 @@ class GraphPredictor:
         self._clock = _StepClock(cache_interval)
         self._sdpa = list(sdpa) if sdpa is not None else None
         self._graphs: dict[tuple[Any, ...], _Graphs] = {}
+        self._weights_version = unet.weights_version
 
     def reset(self) -> None:
         self._clock.reset()
@@ -224,6 +225,11 @@ class GraphPredictor:
         dtype: torch.dtype,
         device: torch.device,
     ) -> _Graphs:
+        if self.unet.weights_version != self._weights_version:
+            # set_kernels moved the weights (another predictor of this UNet, say): the
+            # graphs captured before read the old, freed tensors. Capture again.
+            self._graphs.clear()
+            self._weights_version = self.unet.weights_version
         key = (sample_shape, audio_shape, dtype, device)
         if key not in self._graphs:
             self._graphs[key] = self._capture(sample_shape, audio_shape, dtype, device)

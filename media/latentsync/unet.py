@@ -116,6 +116,9 @@ class UNet3DConditionModel(nn.Module):
         self.conv_out = FrameConv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
         self.channels_last = False
         self.temporal_attention = "sdpa"
+        # Bumped whenever set_kernels moves weights to new memory: CUDA graphs captured
+        # before then read freed memory (GraphPredictor recaptures when it changes).
+        self.weights_version = 0
 
     def set_kernels(self, *, channels_last: bool | None = None,
                     temporal_attention: str | None = None) -> UNet3DConditionModel:
@@ -124,7 +127,8 @@ class UNet3DConditionModel(nn.Module):
         channels_last: activations as (B, F, H, W, C) in memory (`channels_last_3d` of
         the 5D tensors; per-frame views are then channels-last images, the layout
         tensor-core convolutions run natively, and the token views of the spatial
-        transformers need no copy) and the convolution weights channels-last.
+        transformers need no copy) and the convolution weights channels-last (new
+        tensors: `weights_version` counts such moves).
         temporal_attention: the motion modules' attention over frames: "sdpa" (fused
         kernels), "math" (`math_attention`: two batched matmuls) or "inline"
         (`inline_attention`: for compiled forwards only) or "triton" (one Triton kernel,
@@ -132,9 +136,14 @@ class UNet3DConditionModel(nn.Module):
         """
         if channels_last is not None:
             fmt = torch.channels_last if channels_last else torch.contiguous_format
+            moved = False
             for module in self.modules():
                 if isinstance(module, nn.Conv2d):
-                    module.weight.data = module.weight.data.contiguous(memory_format=fmt)
+                    weight = module.weight.data.contiguous(memory_format=fmt)
+                    if weight.data_ptr() != module.weight.data.data_ptr():
+                        module.weight.data = weight
+                        moved = True
+            self.weights_version += moved
             self.channels_last = channels_last
         if temporal_attention is not None:
             if temporal_attention not in TEMPORAL_ATTENTION_KERNELS:
