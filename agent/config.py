@@ -242,11 +242,11 @@ class LatentSyncConfig(_Config):
         " by model config, dtype, shapes, batch range, GPU model and torch version."
     )
     frame_attention: Literal["matmul", "triton", "auto"] = Field(
-        "matmul", description="How compiled forwards (compile or aot, on CUDA) run the motion"
+        "auto", description="How compiled forwards (compile or aot, on CUDA) run the motion"
         " modules' attention over a chunk's 16 frames: 'matmul', two small batched matmuls"
         " (32.1 fps at 8 chunks on an H100, exact settings), 'triton', one Triton kernel"
-        " (34.3 fps; needs Triton, which CUDA builds of torch on Linux ship), or 'auto':"
-        " 'triton' where Triton is installed, 'matmul' elsewhere."
+        " (34.3 fps; needs Triton, which CUDA builds of torch on Linux ship), or 'auto' (the"
+        " default): 'triton' where Triton is installed, 'matmul' elsewhere."
     )
 
     @model_validator(mode="after")
