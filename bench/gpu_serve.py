@@ -268,6 +268,11 @@ async def run_config(args: argparse.Namespace, name: str, models_per_gpu: list[L
                 torch.cuda.reset_peak_memory_stats()
             before = chunk_counts(server)
             client = await drive(server.url, args, users, speaking)
+            if client.get("refused"):  # the server's admission control: the ramp ends here
+                run.note += (f"{name} {users} users: {client['refused']} of {users} sessions"
+                             f" refused at open ({client['reason']}). ")
+                log(run.note)
+                break
             calls = [c for r in renderers for c in r.calls]
             step = summarise(users, speaking, client, calls, before, chunk_counts(server))
             if len(renderers) > 1:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.client import SessionClient, SessionRecord
+from agent.client import SessionClient, SessionRecord, SessionRefused
 from tests.serverutil import speech_like
 
 FPS = 25
@@ -81,8 +81,19 @@ def gaps(client: SessionClient, t0: float, t1: float) -> list[float]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     hello = {"video": {"codec": args.codec, "max_height": args.height}}
-    clients = await asyncio.gather(*(SessionClient.open(args.url, hello=hello, open_timeout=30)
-                                     for _ in range(args.users)))
+    opened = await asyncio.gather(*(SessionClient.open(args.url, hello=hello, open_timeout=30)
+                                    for _ in range(args.users)), return_exceptions=True)
+    refused = [r for r in opened if isinstance(r, SessionRefused)]
+    clients = [c for c in opened if isinstance(c, SessionClient)]
+    failed = [r for r in opened if isinstance(r, BaseException) and r not in refused]
+    if refused or failed:  # admission control said no: a result, not a crash
+        for c in clients:
+            with contextlib.suppress(Exception):
+                await c.close()
+        if failed and not refused:
+            raise failed[0]
+        return {"users": args.users, "speaking": args.speaking, "refused": len(refused),
+                "reason": str(refused[0])}
     rng = np.random.default_rng(args.seed)
     start = time.monotonic()
     stop = start + args.settle + args.duration

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -48,3 +50,21 @@ def test_fault_view_times_drops_and_recovery_from_the_fault() -> None:
     assert [(e[1], e[2]) for e in view["events"]] == [(0, 2), (0, 1)]
     # During the fault: 2 s of one session at tier 1, 3 s at tier 2, the other all at 1.
     assert view["tier_share"] == pytest.approx([0.7, 0.3, 0.0], abs=0.01)
+
+
+@pytest.mark.integration
+async def test_the_users_driver_reports_admission_refusals(tmp_path: Path) -> None:
+    """bench.gpu_serve's users: sessions the server refuses at open are a result (the
+    ramp ends there), not a crash of the bench."""
+    import argparse
+
+    from bench.gpu_serve_users import run
+    from tests.serverutil import running_server, small_config
+
+    config = small_config(tmp_path, **{"server.max_sessions": 1})
+    async with running_server(config) as server:
+        args = argparse.Namespace(url=server.url, users=2, speaking=1, duration=1.0,
+                                  settle=0.0, codec="jpeg", height=128, seed=0)
+        report = await run(args)
+    assert report["refused"] == 1
+    assert report["reason"].startswith("overloaded: session limit of 1")
