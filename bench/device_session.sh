@@ -8,9 +8,9 @@
 # STEP[:SECONDS] (default 300). Carry `.whl` (the wheels the machine lacks: diffusers,
 # av, websockets, pytest and their needs) and `.gpucheck` (the tiny UNet config; the
 # ../shared folder does not travel). Steps: setup; tests (TESTS_K: a -k expression);
-# doctor (bench/aoti_doctor.py; DOCTOR_CASES); parts, compiled (bench/unet_parts.py; COMPILED_VARIANTS,
-# COMPILED_SECTIONS, PARTS_BATCH); choices, aot, tune, compile (bench/latentsync_bench.py);
-# serve-aot (bench/gpu_serve.py). A pytest step's summary comes last: give it room.
+# doctor (bench/aoti_doctor.py; DOCTOR_CASES, DOCTOR_RECIPES); parts, compiled
+# (bench/unet_parts.py; COMPILED_VARIANTS, COMPILED_SECTIONS, PARTS_BATCH); choices,
+# aot, tune, compile (bench/latentsync_bench.py); serve-aot (bench/gpu_serve.py). A pytest step's summary comes last: give it room.
 set -u
 OUT=${OUT:-out/device}
 mkdir -p "$OUT"
@@ -44,7 +44,8 @@ for arg in "$@"; do
         ;;
     doctor)
         step doctor "$limit" python3 bench/aoti_doctor.py --config .gpucheck/tiny_unet_config.json \
-            --cases "${DOCTOR_CASES:-small-weightless,small-so,small-cpu}" --out "$OUT/aoti_doctor.json"
+            --cases "${DOCTOR_CASES:-small-weightless,small-so,small-cpu}" \
+            ${DOCTOR_RECIPES:+--recipes "$DOCTOR_RECIPES"} --out "$OUT/aoti_doctor.json"
         ;;
     choices)
         step choices "$limit" $BENCH --sections choices --tune-batch 8 \

@@ -78,11 +78,20 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "math+mm": ({"channels_last": False, "temporal_attention": "math"}, False),
     "cl+triton": ({"channels_last": True, "temporal_attention": "triton"}, False),
     "triton": ({"channels_last": False, "temporal_attention": "triton"}, False),
+    "cl+triton+autotune": ({"channels_last": True, "temporal_attention": "triton"}, False),
+    "cl+triton+autoconv": ({"channels_last": True, "temporal_attention": "triton"}, False),
 }
 # Compiled variants whose name ends so also get these Inductor options.
 INDUCTOR_OPTIONS: dict[str, dict[str, Any]] = {
     "mm": {"conv_1x1_as_mm": True},
     "tuned": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True},
+    # Inductor's own GEMM templates benchmarked against cuBLAS, with their epilogues
+    # (bias, GELU, residual adds) fused in; convolutions stay cuDNN's.
+    "autotune": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
+                 "max_autotune_conv_backends": "ATEN"},
+    # The same, with Triton's convolution templates in the contest too.
+    "autoconv": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
+                 "max_autotune_conv_backends": "ATEN,TRITON"},
 }
 
 
