@@ -33,15 +33,16 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch
 
 
 def test_the_triton_kernel_is_a_config_choice_that_needs_triton() -> None:
-    """Compiled forwards on CUDA use the matmul form unless the config asks for the kernel
-    ("triton", or "auto" where Triton is installed); asking for it where Triton is
-    missing is a clear error, not a crash at the first chunk."""
+    """Compiled forwards on CUDA use the kernel where Triton is installed ("auto", the
+    default) or where the config asks for it ("triton"), the matmul form otherwise or
+    when asked ("matmul"); asking for the kernel where Triton is missing is a clear
+    error, not a crash at the first chunk."""
     from agent.config import LatentSyncConfig
     from agent.errors import ConfigError
     from media.latentsync.renderer import compiled_kernels
     from tests.latentsyncutil import tiny_models
 
-    assert LatentSyncConfig().frame_attention == "matmul"
+    assert LatentSyncConfig().frame_attention == "auto"
     models = tiny_models()  # CPU: compiled forwards keep the default kernels there
     assert compiled_kernels(LatentSyncConfig(frame_attention="triton"), models) is None
     unet = tiny_unet_for_runners()
@@ -56,7 +57,9 @@ def test_the_triton_kernel_is_a_config_choice_that_needs_triton() -> None:
     else:
         assert compiled_kernels(LatentSyncConfig(frame_attention="auto"), cuda_models) == {
             "channels_last": True, "temporal_attention": "triton"}
-    assert compiled_kernels(LatentSyncConfig(), cuda_models) == {
+    assert compiled_kernels(LatentSyncConfig(), cuda_models) == compiled_kernels(
+        LatentSyncConfig(frame_attention="auto"), cuda_models)
+    assert compiled_kernels(LatentSyncConfig(frame_attention="matmul"), cuda_models) == {
         "channels_last": True, "temporal_attention": "math"}
 
 
