@@ -164,14 +164,13 @@ def test_guided_compiled_predictor_is_static_and_computes_the_guided_forward(
     unet: UNet3DConditionModel,
 ) -> None:
     """The guided forward compiles with concrete shapes, one graph per size and kind,
-    without graph breaks; with a symbolic batch it is refused (see CompiledPredictor)."""
+    without graph breaks."""
     from torch._dynamo.utils import counters
 
-    with pytest.raises(ValueError, match="needs static shapes"):
-        CompiledPredictor(unet, backend="eager", guided=True)
     torch._dynamo.reset()
     counters.clear()
     predictor = CompiledPredictor(unet, backend="eager", guided=True, dynamic=False)
+    assert not predictor.halved
     timestep = torch.full((1,), 500)
     with torch.inference_mode():
         for b in (1, 2):
@@ -182,6 +181,51 @@ def test_guided_compiled_predictor_is_static_and_computes_the_guided_forward(
     assert counters["stats"]["unique_graphs"] == 2
     assert not counters["graph_break"]
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_guided_compile_with_a_symbolic_batch_is_one_graph_per_kind_for_every_size(
+    unet: UNet3DConditionModel, interval: int
+) -> None:
+    """With a symbolic batch the guided predictor hands the UNet one copy of the pair
+    (`halved`): no graph break, the plain UNet's loop, and per forward kind one graph
+    for one chunk (Dynamo specializes a size of 1) and one for 2 and 3 chunks."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    predictor = CompiledPredictor(unet, interval, backend="eager", guided=True)
+    assert predictor.halved
+
+    class Direct:  # the predictor's forwards without CUDA graphs (this is the CPU)
+        def reset(self) -> None:
+            predictor.reset()
+            self.cache = DeepCacheState() if interval > 1 else None
+
+        def __call__(self, x: torch.Tensor, t: torch.Tensor | int, audio: torch.Tensor
+                     ) -> torch.Tensor:
+            return predictor._forward(x, torch.as_tensor(t).reshape(1), audio, self.cache,
+                                      refresh=predictor._clock.tick())
+    with torch.inference_mode():
+        for chunks in (1, 2, 3):
+            gen = torch.Generator().manual_seed(chunks)
+            noise = torch.randn(chunks, 4, F, H, W, generator=gen)
+            conditions = torch.randn(chunks, 9, F, H, W, generator=gen).repeat(2, 1, 1, 1, 1)
+            audio = torch.cat([torch.zeros(chunks * F, 50, 384),
+                               torch.randn(chunks * F, 50, 384, generator=gen)])
+            loops = [denoise(p, make_scheduler(), noise, conditions, audio, steps=4)
+                     for p in (Direct(), UNetPredictor(unet, interval))]
+            assert relative_error(loops[0], loops[1]) < 1e-5
+    kinds = 1 if interval == 1 else 2  # exact; or DeepCache's refresh and shallow
+    assert counters["stats"]["unique_graphs"] == 2 * kinds
+    assert not counters["graph_break"]
+    torch._dynamo.reset()
+    sample = torch.randn(1, 13, F, H, W)
+    with pytest.raises(ValueError, match="pass guided=True"):
+        unet(sample, torch.tensor(500), torch.randn(F, 50, 384), halved=True)
+    halved = unet(sample, torch.tensor(500), torch.randn(F, 50, 384), guided=True,
+                  halved=True)
+    assert halved.shape[0] == 2
 
 
 @pytest.mark.gpu

@@ -26,6 +26,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from media.latentsync.layers import second_half
 from media.latentsync.unet import DeepCacheState, UNet3DConditionModel
 
 # LatentSync's scheduler (Stable Diffusion 1.5's DDIM settings).
@@ -189,6 +190,8 @@ class GraphPredictor:
         self._sdpa = list(sdpa) if sdpa is not None else None
         self._graphs: dict[tuple[Any, ...], _Graphs] = {}
         self._weights_version = unet.weights_version
+        # guided: pass the UNet one copy of the pair (`forward(..., halved=True)`).
+        self.halved = False
 
     def reset(self) -> None:
         self._clock.reset()
@@ -296,7 +299,14 @@ class GraphPredictor:
     ) -> torch.Tensor:
         if cache is not None:
             cache.refresh = refresh
-        return self._run(sample, timestep, audio, cache=cache, guided=self.guided)
+        if self.guided and self.halved:  # views: no kernel runs, nothing is captured
+            return self._call(second_half(sample), timestep, second_half(audio), cache,
+                              guided=True, halved=True)
+        return self._call(sample, timestep, audio, cache, guided=self.guided)
+
+    def _call(self, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor,
+              cache: DeepCacheState | None, **flags: bool) -> torch.Tensor:
+        return self._run(sample, timestep, audio, cache=cache, **flags)
 
 
 # The UNet's execution choices (`UNet3DConditionModel.set_kernels`) for compiled forwards
@@ -333,6 +343,8 @@ class CompiledPredictor(GraphPredictor):
     gives up after `torch._dynamo.config.recompile_limit` of them, 8 by default).
     `options`: Inductor settings (torch.compile's `options`) instead of a `mode`.
     `backend`: torch.compile's (tests count graphs with "eager").
+    `guided`: the UNet's guided forward; with a symbolic batch it gets one copy of the
+    pair (`halved`), so the compiled graph only doubles the batch, never halves it.
     `kernels`: the UNet's execution choices to set first (see `apply_kernels`; the
     predictor changes the UNet it is given).
     """
@@ -349,13 +361,12 @@ class CompiledPredictor(GraphPredictor):
         kernels: dict[str, Any] | None | str = "auto",
         guided: bool = False,
     ) -> None:
-        if guided and dynamic is not False:
-            # Measured with torch 2.11 on an H100: under a symbolic batch the guided
-            # forward's half batch guards on being 1 (one chunk), and traced
-            # size-obliviously its sizes became data-dependent, a graph break that sent
-            # the whole forward back to eager.
-            raise ValueError("a guided CompiledPredictor needs static shapes (dynamic=False)")
         super().__init__(unet, cache_interval, sdpa, guided)
+        # A symbolic batch is never halved inside the graph: with torch 2.11 on an H100
+        # the guided forward's half of a symbolic batch guarded on being 1 (one chunk),
+        # and traced size-obliviously its sizes became data-dependent, a graph break that
+        # sent the whole forward back to eager. One copy of the pair goes in instead.
+        self.halved = guided and dynamic is not False
         apply_kernels(unet, kernels)
         self.mode = mode
         self._mark_batch = dynamic is None
@@ -366,22 +377,15 @@ class CompiledPredictor(GraphPredictor):
             else torch.compile(unet, mode=mode, dynamic=dynamic, backend=backend)
         )
 
-    def _forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        audio: torch.Tensor,
-        cache: DeepCacheState | None,
-        *,
-        refresh: bool,
-    ) -> torch.Tensor:
+    def _call(self, sample: torch.Tensor, timestep: torch.Tensor, audio: torch.Tensor,
+              cache: DeepCacheState | None, **flags: bool) -> torch.Tensor:
         if self._mark_batch:  # metadata only: the tensors are untouched
             batched = [sample, audio]
-            if cache is not None and cache.deep is not None and not refresh:
+            if cache is not None and cache.deep is not None and not cache.refresh:
                 batched.append(cache.deep)
             for tensor in batched:
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        return super()._forward(sample, timestep, audio, cache, refresh=refresh)
+        return super()._call(sample, timestep, audio, cache, **flags)
 
 
 def denoise(

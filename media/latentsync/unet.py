@@ -177,6 +177,7 @@ class UNet3DConditionModel(nn.Module):
         encoder_hidden_states: torch.Tensor,
         cache: DeepCacheState | None = None,
         guided: bool = False,
+        halved: bool = False,
     ) -> torch.Tensor:
         """Predict noise.
 
@@ -191,12 +192,18 @@ class UNet3DConditionModel(nn.Module):
         cross-attention of the unconditional half is its output projection's bias
         (all-zero features give zero keys and values: `to_k` and `to_v` have no bias).
         The result equals the plain forward's up to float reordering.
-        Returns (B, out_channels, F, H, W).
+        halved (with guided): `sample` and `encoder_hidden_states` are already one copy of
+        the pair and its conditional audio rows (B/2 items each), so nothing is halved
+        inside: a compiler tracing a symbolic batch then only ever doubles it (halving a
+        symbolic size made torch 2.11 break the graph).
+        Returns (B, out_channels, F, H, W) (with halved: twice the rows given).
         """
-        self._check_inputs(sample, encoder_hidden_states, guided)
-        b = sample.shape[0]
+        if halved and not guided:
+            raise ValueError("halved inputs are one copy of a guidance pair: pass guided=True")
+        self._check_inputs(sample, encoder_hidden_states, guided, halved)
+        b = sample.shape[0] * (2 if halved else 1)
         audio = encoder_hidden_states
-        if guided:  # one copy of the pair, and the conditional audio rows
+        if guided and not halved:  # one copy of the pair, and the conditional audio rows
             sample, audio = second_half(sample), second_half(audio)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
@@ -259,14 +266,15 @@ class UNet3DConditionModel(nn.Module):
             )
         return deep
 
-    def _check_inputs(self, sample: torch.Tensor, audio: torch.Tensor, guided: bool) -> None:
+    def _check_inputs(self, sample: torch.Tensor, audio: torch.Tensor, guided: bool,
+                      halved: bool = False) -> None:
         cfg = self.config
         if sample.ndim != 5 or sample.shape[1] != cfg.in_channels:
             raise ValueError(
                 f"sample must be (B, {cfg.in_channels}, F, H, W), got {tuple(sample.shape)}"
             )
         b, _, f = sample.shape[:3]
-        if guided and (b % 2 or not cfg.add_audio_layer):
+        if guided and ((not halved and b % 2) or not cfg.add_audio_layer):
             raise ValueError(
                 "guided needs an even batch (the unconditional half, then the conditional)"
                 f" and a UNet with audio layers; got B={b}, audio layers {cfg.add_audio_layer}"
