@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from media.latentsync.aot import AOT_INDUCTOR_CONFIGS, compile_package, export_forward  # noqa: E402
 from media.latentsync.config import UNetConfig  # noqa: E402
+from media.latentsync.toolchain import needed_libraries  # noqa: E402
 from media.latentsync.unet import UNet3DConditionModel  # noqa: E402
 
 # The child: load with one recipe, bind the weights when the package has none, run once.
@@ -226,22 +227,20 @@ def toolchain(path: Path) -> str:
     from torch._inductor import cpp_builder
 
     default = cpp_builder.get_cpp_compiler()
-    compiler = next((cmd[0] for cmd in BUILDS if "-shared" in cmd), default)
+    linked = [cmd[0] for cmd in BUILDS if "-shared" in cmd]
+    compiler = linked[0] if linked else default
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              check=False).stdout.splitlines()[:1]
     flags = sorted({w for cmd in BUILDS for w in cmd
                     if w.startswith(("-static", "-l", "-Wl", "-shared", "-nostd", "-fvis"))})
-    linked = [cmd[0] for cmd in BUILDS if "-shared" in cmd]
     found = [f"Inductor's compiler {default}; built with {compiler} ({' '.join(version)})",
              f"{len(BUILDS)} builds",
              f"linked by {sorted(set(linked))}", f"flags {flags}"]
     with tempfile.TemporaryDirectory() as folder:
         zipfile.ZipFile(path).extractall(folder)
         libs = sorted(Path(folder).rglob("*wrapper.so")) or sorted(Path(folder).rglob("*.so"))
-        if libs and shutil.which("objdump") and shutil.which("nm"):
-            heads = subprocess.run(["objdump", "-p", str(libs[0])], capture_output=True,
-                                   text=True, check=False).stdout
-            needed = [ln.split()[-1] for ln in heads.splitlines() if "NEEDED" in ln]
+        if libs and shutil.which("nm"):
+            needed = needed_libraries(libs[0])
             symbols = subprocess.run(["nm", "-D", "--defined-only", str(libs[0])],
                                      capture_output=True, text=True, check=False).stdout
             # Strong (T) definitions of the runtime's own classes: a static libstdc++.
