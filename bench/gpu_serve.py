@@ -270,7 +270,9 @@ async def run_config(args: argparse.Namespace, name: str, models_per_gpu: list[L
             client = await drive(server.url, args, users, speaking)
             if client.get("refused"):  # the server's admission control: the ramp ends here
                 run.note += (f"{name} {users} users: {client['refused']} of {users} sessions"
-                             f" refused at open ({client['reason']}). ")
+                             f" refused at open ({client['reason']})"
+                             + (f"; others failed: {client['other_failures']}"
+                                if client.get("other_failures") else "") + ". ")
                 log(run.note)
                 break
             calls = [c for r in renderers for c in r.calls]

@@ -93,7 +93,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if failed and not refused:
             raise failed[0]
         return {"users": args.users, "speaking": args.speaking, "refused": len(refused),
-                "reason": str(refused[0])}
+                "reason": str(refused[0]),
+                "other_failures": [f"{type(r).__name__}: {r}" for r in failed][:5]}
     rng = np.random.default_rng(args.seed)
     start = time.monotonic()
     stop = start + args.settle + args.duration
