@@ -64,7 +64,8 @@ from media.latentsync.verify import relative_error  # noqa: E402
 PART_TYPES = (ResnetBlock3D, SpatialTransformer, MotionModule)
 # Variant name -> set_kernels arguments and cudnn.benchmark.
 VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
-    "default": ({"channels_last": False, "temporal_attention": "sdpa"}, False),
+    "default": ({"channels_last": False, "temporal_attention": "sdpa", "pointwise_linear": False,
+                 "packed_qkv": False, "padded_convs": False}, False),
     "cl": ({"channels_last": True, "temporal_attention": "sdpa"}, False),
     "math": ({"channels_last": False, "temporal_attention": "math"}, False),
     "cl+math": ({"channels_last": True, "temporal_attention": "math"}, False),
@@ -80,6 +81,19 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "triton": ({"channels_last": False, "temporal_attention": "triton"}, False),
     "cl+triton+autotune": ({"channels_last": True, "temporal_attention": "triton"}, False),
     "cl+triton+autoconv": ({"channels_last": True, "temporal_attention": "triton"}, False),
+    # session 9: 1x1 convolutions as GEMMs, packed q/k/v projections, padded thin convs
+    "cl+triton+lin": ({"channels_last": True, "temporal_attention": "triton",
+                       "pointwise_linear": True}, False),
+    "cl+triton+qkv": ({"channels_last": True, "temporal_attention": "triton",
+                       "packed_qkv": True}, False),
+    "cl+triton+pad": ({"channels_last": True, "temporal_attention": "triton",
+                       "padded_convs": True}, False),
+    "cl+triton+all": ({"channels_last": True, "temporal_attention": "triton",
+                       "pointwise_linear": True, "packed_qkv": True, "padded_convs": True},
+                      False),
+    "cl+math+all": ({"channels_last": True, "temporal_attention": "math",
+                     "pointwise_linear": True, "packed_qkv": True, "padded_convs": True},
+                    False),
 }
 # Compiled variants whose name ends so also get these Inductor options.
 INDUCTOR_OPTIONS: dict[str, dict[str, Any]] = {

@@ -16,6 +16,7 @@ from media.latentsync.checkpoint import (
     read_manifest,
 )
 from media.latentsync.config import UNetConfig
+from media.latentsync.layers import Attention
 from media.latentsync.unet import DeepCacheState, UNet3DConditionModel
 from media.latentsync.verify import FAITHFUL_RELATIVE_ERROR, relative_error, verify_unet
 
@@ -107,6 +108,10 @@ def test_timestep_as_number_or_batch(
         {"channels_last": False, "temporal_attention": "math"},
         {"channels_last": True, "temporal_attention": "math"},
         {"channels_last": False, "temporal_attention": "inline"},
+        {"channels_last": True, "temporal_attention": "math", "pointwise_linear": True,
+         "packed_qkv": True, "padded_convs": True},
+        {"channels_last": False, "temporal_attention": "sdpa", "pointwise_linear": True,
+         "packed_qkv": True, "padded_convs": True},
     ],
 )
 def test_kernel_choices_reproduce_the_reference(
@@ -117,7 +122,8 @@ def test_kernel_choices_reproduce_the_reference(
     stays channels-last through every layer (no copy back to the default layout)."""
     model = load_unet(tiny_config, fixtures / "tiny_unet_weights.safetensors")
     model.set_kernels(**kernels)
-    assert model.kernels() == kernels
+    assert model.kernels() == {"pointwise_linear": False, "packed_qkv": False,
+                               "padded_convs": False, **kernels}
     layouts = []
     if kernels["channels_last"]:
         def record(module: torch.nn.Module, args: tuple) -> None:
@@ -132,7 +138,8 @@ def test_kernel_choices_reproduce_the_reference(
     out = run(model, golden)
     assert relative_error(out, golden["expected"]) < FAITHFUL_RELATIVE_ERROR
     assert all(layouts) and (len(layouts) > 50) == kernels["channels_last"]
-    model.set_kernels(channels_last=False, temporal_attention="sdpa")
+    model.set_kernels(channels_last=False, temporal_attention="sdpa", pointwise_linear=False,
+                      packed_qkv=False, padded_convs=False)
     assert relative_error(run(model, golden), golden["expected"]) < FAITHFUL_RELATIVE_ERROR
     with pytest.raises(ValueError, match="temporal_attention must be one of"):
         model.set_kernels(temporal_attention="flash")
@@ -205,6 +212,8 @@ def test_config_rejects_unknown_and_unsupported_values(fixtures: Path) -> None:
     [
         {"channels_last": False, "temporal_attention": "sdpa"},
         {"channels_last": True, "temporal_attention": "math"},
+        {"channels_last": True, "temporal_attention": "math", "pointwise_linear": True,
+         "packed_qkv": True, "padded_convs": True},
     ],
 )
 def test_guided_forward_computes_the_pair_of_the_plain_one(
@@ -255,3 +264,47 @@ def test_guided_forward_needs_a_pair(
     frames = one.shape[2]
     with torch.inference_mode(), pytest.raises(ValueError, match="guided needs an even batch"):
         tiny_unet(one, golden["timestep"], golden["audio"][:frames], guided=True)
+
+
+def test_packed_projections_share_the_weights_and_keep_the_state_dict(
+    fixtures: Path, tiny_config: UNetConfig, golden: dict[str, torch.Tensor]
+) -> None:
+    """packed_qkv: every self-attention's q, k and v weights become row blocks of one
+    tensor (no copy kept: the parameters are views of it), cross-attentions stay as they
+    are, the state dict keeps its keys and values, loading weights afterwards reaches the
+    packed tensor, and each packing or unpacking (and padding) counts as a weight move for
+    captured graphs. Unpacked, the weights are separate tensors again."""
+    model = load_unet(tiny_config, fixtures / "tiny_unet_weights.safetensors")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    version = model.weights_version
+    model.set_kernels(packed_qkv=True)
+    assert model.weights_version == version + 1
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    packed = [m for m in attentions if m.qkv is not None]
+    assert packed and all(m.self_attention for m in packed)
+    assert all(m.qkv is None for m in attentions if not m.self_attention)
+    assert any(not m.self_attention for m in attentions)
+    for m in packed:
+        base = m.qkv.untyped_storage().data_ptr()
+        assert all(lin.weight.untyped_storage().data_ptr() == base
+                   for lin in (m.to_q, m.to_k, m.to_v))
+    state = model.state_dict()
+    assert state.keys() == before.keys()
+    assert all(torch.equal(state[k], before[k]) for k in before)
+    # Loading (here: scaled weights) writes through the views into the packed tensor.
+    scaled = {k: v * 2 if k.endswith("to_q.weight") else v for k, v in before.items()}
+    model.load_state_dict(scaled)
+    first = packed[0]
+    width = first.to_q.weight.shape[0]
+    assert torch.equal(first.qkv[:width], first.to_q.weight)
+    model.set_kernels(packed_qkv=False, padded_convs=True)
+    assert model.weights_version == version + 3
+    assert all(m.qkv is None for m in attentions)
+    ptrs = {m.to_q.weight.untyped_storage().data_ptr() for m in packed}
+    ptrs |= {m.to_k.weight.untyped_storage().data_ptr() for m in packed}
+    assert len(ptrs) == 2 * len(packed)
+    model.load_state_dict(before)
+    model.set_kernels(padded_convs=True)  # padded again from the loaded weights
+    assert model.conv_in_padded is not None and model.conv_in_padded.shape[1] % 16 == 0
+    assert model.conv_out_padded is not None and model.conv_out_padded.shape[0] % 16 == 0
+    assert relative_error(run(model, golden), golden["expected"]) < FAITHFUL_RELATIVE_ERROR

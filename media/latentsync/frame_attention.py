@@ -18,6 +18,7 @@ reference computation. Without Triton or CUDA the op is absent (`AVAILABLE`).
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
@@ -45,25 +46,34 @@ def _pow2(n: int) -> int:
 
 AVAILABLE = has_triton()
 frame_attention: Any = None
+# The kernel is defined wherever Triton imports (its interpreter, TRITON_INTERPRET=1,
+# runs it on CPU tensors); the op only where it can run on a GPU.
+KERNEL_DEFINED = AVAILABLE or importlib.util.find_spec("triton") is not None
 
-if AVAILABLE:
+if KERNEL_DEFINED:
     import triton
     import triton.language as tl
 
     @triton.jit
     def _frame_attention_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, seq, head_dim, width,
-        S: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
+        q_ptr, k_ptr, v_ptr, o_ptr, seq, head_dim, width, in_n, in_s,
+        HEADS: tl.constexpr, S: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
-        n = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
+        # One program per (item, head), heads fastest: the programs of one item run side
+        # by side and read its rows' neighbouring head slices together.
+        pid = tl.program_id(0).to(tl.int64)
+        n = pid // HEADS
+        h = pid % HEADS
         rows = tl.arange(0, S)
         cols = tl.arange(0, D)
-        offsets = n * seq * width + rows[:, None] * width + h * head_dim + cols[None, :]
+        within = h * head_dim + cols[None, :]
+        inputs = n * in_n + rows[:, None] * in_s + within  # q, k, v share their strides
+        offsets = n * seq * width + rows[:, None] * width + within  # the output: contiguous
         mask = (rows[:, None] < seq) & (cols[None, :] < head_dim)
-        q = tl.load(q_ptr + offsets, mask=mask, other=0.0)
-        k = tl.load(k_ptr + offsets, mask=mask, other=0.0)
-        v = tl.load(v_ptr + offsets, mask=mask, other=0.0)
+        q = tl.load(q_ptr + inputs, mask=mask, other=0.0)
+        k = tl.load(k_ptr + inputs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + inputs, mask=mask, other=0.0)
         if IEEE:  # float32 inputs: no TF32 rounding
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -80,18 +90,24 @@ if AVAILABLE:
             out = tl.dot(weights.to(v.dtype), v)
         tl.store(o_ptr + offsets, out.to(o_ptr.dtype.element_ty), mask=mask)
 
+if AVAILABLE:
+
     @triton_op("latentsync::frame_attention", mutates_args=())
     def _frame_attention(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     ) -> torch.Tensor:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        # Views with unit channel stride and shared strides (the packed projections'
+        # chunks) are read in place; anything else is made contiguous first.
+        if q.stride(-1) != 1 or not q.stride() == k.stride() == v.stride():
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         n, s, c = q.shape
         d = int(c // heads)  # static per layer (a symbolic width is specialised here)
-        out = torch.empty_like(q)
+        out = torch.empty((n, s, c), dtype=q.dtype, device=q.device)
         block_d = _pow2(d)
-        wrap_triton(_frame_attention_kernel)[(n, heads)](
-            q, k, v, out, s, d, c,
-            S=_pow2(int(s)), D=block_d, SCALE=d**-0.5, IEEE=q.dtype == torch.float32,
+        wrap_triton(_frame_attention_kernel)[(n * heads,)](
+            q, k, v, out, s, d, c, q.stride(0), q.stride(1),
+            HEADS=heads, S=_pow2(int(s)), D=block_d, SCALE=d**-0.5,
+            IEEE=q.dtype == torch.float32,
             num_warps=1 if block_d <= 64 else 2 if block_d <= 128 else 4,
         )
         return out

@@ -22,9 +22,15 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from media.latentsync.config import CROSS_ATTN_DOWN, CROSS_ATTN_UP, UNetConfig
-from media.latentsync.layers import FrameConv2d, second_half
+from media.latentsync.layers import (
+    Attention,
+    FrameConv2d,
+    batch_to_frames,
+    frames_to_batch,
+    second_half,
+)
 from media.latentsync.motion import TemporalAttention
-from media.latentsync.unet_blocks import DownBlock3D, MidBlock3D, UpBlock3D
+from media.latentsync.unet_blocks import DownBlock3D, MidBlock3D, SpatialTransformer, UpBlock3D
 
 TEMPORAL_ATTENTION_KERNELS = ("sdpa", "math", "inline", "triton")
 
@@ -48,6 +54,10 @@ class DeepCacheState:
 
 class UNet3DConditionModel(nn.Module):
     """Predicts the noise of a chunk of face latents, conditioned on per-frame audio."""
+
+    conv_in_padded: torch.Tensor | None
+    conv_out_padded: torch.Tensor | None
+    conv_out_bias_padded: torch.Tensor | None
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
@@ -116,12 +126,23 @@ class UNet3DConditionModel(nn.Module):
         self.conv_out = FrameConv2d(channels[0], config.out_channels, kernel_size=3, padding=1)
         self.channels_last = False
         self.temporal_attention = "sdpa"
+        self.pointwise_linear = False
+        self.packed_qkv = False
+        self.padded_convs = False
+        # padded_convs: zero-padded copies of conv_in's and conv_out's weights (buffers,
+        # not in the state dict)
+        self.register_buffer("conv_in_padded", None, persistent=False)
+        self.register_buffer("conv_out_padded", None, persistent=False)
+        self.register_buffer("conv_out_bias_padded", None, persistent=False)
         # Bumped whenever set_kernels moves weights to new memory: CUDA graphs captured
         # before then read freed memory (GraphPredictor recaptures when it changes).
         self.weights_version = 0
 
     def set_kernels(self, *, channels_last: bool | None = None,
-                    temporal_attention: str | None = None) -> UNet3DConditionModel:
+                    temporal_attention: str | None = None,
+                    pointwise_linear: bool | None = None,
+                    packed_qkv: bool | None = None,
+                    padded_convs: bool | None = None) -> UNet3DConditionModel:
         """Execution choices that leave the weights' values and the math unchanged.
 
         channels_last: activations as (B, F, H, W, C) in memory (`channels_last_3d` of
@@ -132,7 +153,17 @@ class UNet3DConditionModel(nn.Module):
         temporal_attention: the motion modules' attention over frames: "sdpa" (fused
         kernels), "math" (`math_attention`: two batched matmuls) or "inline"
         (`inline_attention`: for compiled forwards only) or "triton" (one Triton kernel,
-        `media.latentsync.frame_attention`; CUDA only). Returns self.
+        `media.latentsync.frame_attention`; CUDA only).
+        pointwise_linear: the 1x1 convolutions (the spatial transformers' projections,
+        the resnets' shortcuts) as linear layers over the channel axis (`layers.pointwise`):
+        one cuBLAS GEMM each on channels-last activations.
+        packed_qkv: each self-attention's q, k and v projections as one GEMM
+        (`Attention.pack_projections`: the weights become views of one packed tensor;
+        `weights_version` counts the move). Call after loading and moving the model.
+        padded_convs: `conv_in` (13 input channels) and `conv_out` (4 output channels)
+        with their thin side zero-padded to a multiple of 16, the width tensor-core
+        convolution kernels take (derived copies of the weights: set it again after
+        loading new weights). Returns self.
         """
         if channels_last is not None:
             fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -163,12 +194,67 @@ class UNet3DConditionModel(nn.Module):
                     module.kernel = temporal_attention
                     module.fused_op = op
             self.temporal_attention = temporal_attention
+        if pointwise_linear is not None:
+            for module in self.modules():
+                if isinstance(module, FrameConv2d) and module.is_pointwise():
+                    module.as_linear = pointwise_linear
+                elif isinstance(module, SpatialTransformer):
+                    module.as_linear = pointwise_linear
+            self.pointwise_linear = pointwise_linear
+        if packed_qkv is not None:
+            moved = False
+            for module in self.modules():
+                if isinstance(module, Attention):
+                    moved |= module.pack_projections(packed_qkv)
+            self.weights_version += moved
+            self.packed_qkv = packed_qkv
+        if padded_convs is not None or (channels_last is not None and self.padded_convs):
+            # (again after a layout change: the padded copies take the weights' layout)
+            self._pad_thin_convs(self.padded_convs if padded_convs is None else padded_convs)
         return self
 
     def kernels(self) -> dict[str, Any]:
         """The `set_kernels` choices in force (compiled artifacts depend on them)."""
         return {"channels_last": self.channels_last,
-                "temporal_attention": self.temporal_attention}
+                "temporal_attention": self.temporal_attention,
+                "pointwise_linear": self.pointwise_linear,
+                "packed_qkv": self.packed_qkv,
+                "padded_convs": self.padded_convs}
+
+    def _pad_thin_convs(self, padded: bool) -> None:
+        if padded or self.padded_convs:
+            self.weights_version += 1  # new (or freed) tensors: graphs must capture again
+        self.padded_convs = padded
+        if not padded:
+            self.conv_in_padded = self.conv_out_padded = self.conv_out_bias_padded = None
+            return
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        w_in = self.conv_in.weight.detach()  # (C0, in, 3, 3)
+        width = -(-w_in.shape[1] // 16) * 16
+        padded_in = w_in.new_zeros(w_in.shape[0], width, *w_in.shape[2:])
+        padded_in[:, : w_in.shape[1]] = w_in
+        self.conv_in_padded = padded_in.contiguous(memory_format=fmt)
+        w_out = self.conv_out.weight.detach()  # (out, C0, 3, 3)
+        rows = -(-w_out.shape[0] // 16) * 16
+        padded_out = w_out.new_zeros(rows, *w_out.shape[1:])
+        padded_out[: w_out.shape[0]] = w_out
+        self.conv_out_padded = padded_out.contiguous(memory_format=fmt)
+        assert self.conv_out.bias is not None
+        bias = self.conv_out.bias.detach()
+        self.conv_out_bias_padded = torch.cat([bias, bias.new_zeros(rows - bias.shape[0])])
+
+    def _conv_in(self, sample: torch.Tensor) -> torch.Tensor:
+        # (B, in, F, H, W) -> (B, C0, F, H, W)
+        weight = self.conv_in_padded
+        if weight is None:
+            x: torch.Tensor = self.conv_in(sample)
+            return x
+        extra = weight.shape[1] - sample.shape[1]
+        sample = F.pad(sample, (0, 0, 0, 0, 0, 0, 0, extra))  # zero channels at the end
+        if self.channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last_3d)
+        y = F.conv2d(frames_to_batch(sample), weight, self.conv_in.bias, padding=1)
+        return batch_to_frames(y, sample.shape[2])
 
     def forward(
         self,
@@ -216,7 +302,7 @@ class UNet3DConditionModel(nn.Module):
 
         if self.channels_last:
             sample = sample.contiguous(memory_format=torch.channels_last_3d)
-        x = self.conv_in(sample)  # (B, C0, F, H, W); with guided (B/2, ...)
+        x = self._conv_in(sample)  # (B, C0, F, H, W); with guided (B/2, ...)
         k = self.config.layers_per_block + 1  # skips (and layers) of each up block
         last = self._last_up_block()  # full resolution; never upsamples
         if cache is not None and not cache.refresh:
@@ -252,8 +338,13 @@ class UNet3DConditionModel(nn.Module):
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C0, F, H, W) -> (B, out_channels, F, H, W)
-        out: torch.Tensor = self.conv_out(F.silu(self.conv_norm_out(x)))
-        return out
+        x = F.silu(self.conv_norm_out(x))
+        weight = self.conv_out_padded
+        if weight is None:
+            out: torch.Tensor = self.conv_out(x)
+            return out
+        y = F.conv2d(frames_to_batch(x), weight, self.conv_out_bias_padded, padding=1)
+        return batch_to_frames(y, x.shape[2])[:, : self.conv_out.out_channels]
 
     @staticmethod
     def _cached_deep(cache: DeepCacheState, x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from media.latentsync.layers import (
     batch_to_frames,
     frames_to_batch,
     halves,
+    pointwise,
     second_half,
 )
 from media.latentsync.motion import MotionModule
@@ -102,7 +103,12 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """LatentSync's Transformer3DModel: per-frame GroupNorm, 1x1 conv in, blocks, 1x1 conv out."""
+    """LatentSync's Transformer3DModel: per-frame GroupNorm, 1x1 conv in, blocks, 1x1 conv out.
+
+    `as_linear` (see UNet.set_kernels): the 1x1 projections as linear layers over the
+    tokens (`pointwise`). Same math; on channels-last activations no copies."""
+
+    as_linear = False  # an instance attribute overrides it
 
     def __init__(self, channels: int, heads: int, groups: int, audio_dim: int | None) -> None:
         super().__init__()
@@ -116,15 +122,23 @@ class SpatialTransformer(nn.Module):
         # BasicTransformerBlock) -> (B, C, F, H, W); split: x is one copy of a guidance
         # pair (audio of B items) -> (2B, C, F, H, W)
         f, h, w = x.shape[2:]
-        y = self.proj_in(self.norm(frames_to_batch(x)))  # (B*F, C, H, W)
+        y = self.norm(frames_to_batch(x))  # (B*F, C, H, W)
+        if not self.as_linear:
+            y = self.proj_in(y)
         c = y.shape[1]
         y = y.permute(0, 2, 3, 1).reshape(y.shape[0], h * w, c)  # (B*F, H*W, C)
+        if self.as_linear:
+            y = pointwise(self.proj_in, y)
         for i, block in enumerate(self.transformer_blocks):
             y = block(y, audio, split=split and i == 0)
+        if self.as_linear:
+            y = pointwise(self.proj_out, y)
         y = y.view(y.shape[0], h, w, c).permute(0, 3, 1, 2)  # (B*F or 2B*F, C, H, W)
+        if not self.as_linear:
+            y = self.proj_out(y)
         if split:
             x = torch.cat([x, x])
-        return batch_to_frames(self.proj_out(y), f) + x
+        return batch_to_frames(y, f) + x
 
 
 def _motion(channels: int, cfg: MotionModuleConfig | None) -> nn.Module:
