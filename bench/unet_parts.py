@@ -65,7 +65,7 @@ PART_TYPES = (ResnetBlock3D, SpatialTransformer, MotionModule)
 # Variant name -> set_kernels arguments and cudnn.benchmark.
 VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "default": ({"channels_last": False, "temporal_attention": "sdpa", "pointwise_linear": False,
-                 "packed_qkv": False, "padded_convs": False}, False),
+                 "packed_qkv": False, "padded_convs": False, "fused_geglu": False}, False),
     "cl": ({"channels_last": True, "temporal_attention": "sdpa"}, False),
     "math": ({"channels_last": False, "temporal_attention": "math"}, False),
     "cl+math": ({"channels_last": True, "temporal_attention": "math"}, False),
@@ -91,6 +91,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "cl+triton+all": ({"channels_last": True, "temporal_attention": "triton",
                        "pointwise_linear": True, "packed_qkv": True, "padded_convs": True},
                       False),
+    "cl+triton+geglu": ({"channels_last": True, "temporal_attention": "triton",
+                         "fused_geglu": True}, False),
+    "cl+triton+qkv+pad+geglu": ({"channels_last": True, "temporal_attention": "triton",
+                                 "packed_qkv": True, "padded_convs": True,
+                                 "fused_geglu": True}, False),
+    "cl+math+qkv+pad+geglu": ({"channels_last": True, "temporal_attention": "math",
+                               "packed_qkv": True, "padded_convs": True, "fused_geglu": True},
+                              False),
     "cl+math+all": ({"channels_last": True, "temporal_attention": "math",
                      "pointwise_linear": True, "packed_qkv": True, "padded_convs": True},
                     False),
@@ -302,6 +310,59 @@ class Study:
             " fp16, each alone as a replayed CUDA graph\n\n" + table(header, rows))
         self.save()
 
+    def geglu(self) -> None:
+        """Every feed-forward GEGLU projection of one call (input shapes as the UNet gives
+        them), alone as a replayed CUDA graph: Inductor's compiled form (the library GEMM,
+        then a fused gating kernel) against the one-kernel `geglu.geglu_linear`."""
+        from diffusers.models.attention import FeedForward
+
+        from media.latentsync import geglu
+
+        found: dict[tuple[int, ...], list[Any]] = {}
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            entry = found.setdefault(tuple(x.shape), [0, module, x.clone()])
+            entry[0] += 1
+
+        self.call_with_hook((FeedForward,), hook)
+        header = ["tokens x width", "count", "TFLOP", "compiled GEMM + gating ms", "TFLOP/s",
+                  "fused ms", "TFLOP/s", "saved ms (x count)", "rel. L2"]
+        rows = []
+        saved = 0.0
+        with torch.inference_mode():
+            for shape, (count, ff, x) in sorted(found.items(), key=lambda kv: -kv[1][0]):
+                proj = ff.net[0].proj
+                tokens = math.prod(shape[:-1])
+                tflop = 2 * tokens * proj.weight.shape[0] * proj.weight.shape[1] / 1e12
+                library = torch.compile(ff.net[0])
+                ms_lib = graph_ms(lambda f=library, x=x: f(x))
+                torch._dynamo.reset()
+                if geglu.AVAILABLE:
+                    ms_fused = graph_ms(lambda p=proj, x=x: geglu.geglu_linear(x, p.weight, p.bias))
+                    diff = relative_error(geglu.geglu_linear(x, proj.weight, proj.bias).float(),
+                                          ff.net[0](x).float())
+                else:
+                    ms_fused, diff = float("nan"), float("nan")
+                saved += (ms_lib - ms_fused) * count
+                cells = [f"{tokens}x{shape[-1]}", str(count), f"{tflop:.3f}", f"{ms_lib:.3f}",
+                         f"{tflop / ms_lib * 1e3:.0f}", f"{ms_fused:.3f}",
+                         f"{tflop / ms_fused * 1e3:.0f}",
+                         f"{(ms_lib - ms_fused) * count:.2f}", f"{diff:.1e}"]
+                rows.append(cells)
+                log(" | ".join(cells))
+        rows.append(["**all**", "", "", "", "", "", "", f"{saved:.1f}", ""])
+        chosen = ""
+        if geglu.AVAILABLE:
+            cache = getattr(geglu._geglu_kernel, "cache", {})
+            chosen = "\nAutotuned tiles (key: M, N, K, ...): " + "; ".join(
+                f"{key[:3]}: {cfg}" for key, cfg in cache.items()) + "\n"
+        self.sections.append(
+            f"## Feed-forward GEGLU projections of one UNet call ({self.args.px} px, B ="
+            f" {self.b}), each alone as a replayed CUDA graph\n\n" + table(header, rows)
+            + chosen)
+        self.save()
+
     # ------------------------------------------------------------------ loops
 
     def loop(self, predictor: NoisePredictor, reps: int = 2) -> tuple[float, torch.Tensor]:
@@ -444,8 +505,11 @@ def main() -> None:
             study.whole(compiled=False)
         elif section == "compiled":
             study.whole(compiled=True)
+        elif section == "geglu":
+            study.geglu()
         else:
-            raise SystemExit(f"unknown section {section!r} (parts, convs, whole, compiled)")
+            raise SystemExit(
+                f"unknown section {section!r} (parts, convs, geglu, whole, compiled)")
     log(f"done; table in {args.out}")
 
 

@@ -131,3 +131,50 @@ def test_unet_with_the_kernel_computes_the_default_unet(
     torch._dynamo.reset()
     assert relative_error(got, expected) < 1e-4
     assert relative_error(compiled, expected) < 1e-4
+
+
+@pytest.mark.gpu
+@CUDA_TRITON
+@COMPILER_WARNINGS
+def test_kernel_reads_packed_projections_in_place() -> None:
+    """The packed q/k/v projection (`Attention.pack_projections`) gives three strided
+    views of one (N, S, 3C) tensor: the kernel reads them where they are, eager and
+    compiled."""
+    qkv = torch.randn(300, 16, 3 * 640, device="cuda", dtype=torch.float16)
+    q, k, v = qkv.chunk(3, dim=-1)
+    assert not q.is_contiguous()
+    expected = sdpa(q.contiguous(), k.contiguous(), v.contiguous(), 8)
+    assert relative_error(fa.frame_attention(q, k, v, 8).float(), expected) < 2e-3
+    compiled = torch.compile(lambda t: fa.frame_attention(*t.chunk(3, dim=-1), 8),
+                             fullgraph=True)
+    try:
+        assert relative_error(compiled(qkv).float(), expected) < 2e-3
+    finally:
+        torch._dynamo.reset()
+
+
+INTERPRETER_SCRIPT = """
+import torch
+from media.latentsync import frame_attention as fa
+torch.manual_seed(0)
+for heads, c, s in [(8, 320, 16), (2, 64, 12)]:
+    qkv = torch.randn(5, s, 3 * c)
+    q, k, v = qkv.chunk(3, -1)
+    out = torch.empty(5, s, c)
+    d = c // heads
+    fa._frame_attention_kernel[(5 * heads,)](
+        q, k, v, out, s, d, c, q.stride(0), q.stride(1), HEADS=heads, S=fa._pow2(s),
+        D=fa._pow2(d), SCALE=d**-0.5, IEEE=True)
+    err = (out - fa.frame_attention_reference(q, k, v, heads)).abs().max().item()
+    assert err < 1e-5, (heads, c, s, err)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not fa.KERNEL_DEFINED, reason="needs Triton (its interpreter runs on CPU)")
+def test_kernel_in_triton_interpreter() -> None:
+    """Where Triton is installed without a GPU, its interpreter runs the kernel itself on
+    CPU tensors: strided (packed) inputs, a sequence that is not a power of two."""
+    from tests.tritonutil import run_interpreted
+
+    assert run_interpreted(INTERPRETER_SCRIPT) == "ok"

@@ -109,9 +109,9 @@ def test_timestep_as_number_or_batch(
         {"channels_last": True, "temporal_attention": "math"},
         {"channels_last": False, "temporal_attention": "inline"},
         {"channels_last": True, "temporal_attention": "math", "pointwise_linear": True,
-         "packed_qkv": True, "padded_convs": True},
+         "packed_qkv": True, "padded_convs": True, "fused_geglu": True},
         {"channels_last": False, "temporal_attention": "sdpa", "pointwise_linear": True,
-         "packed_qkv": True, "padded_convs": True},
+         "packed_qkv": True, "padded_convs": True, "fused_geglu": True},
     ],
 )
 def test_kernel_choices_reproduce_the_reference(
@@ -123,7 +123,7 @@ def test_kernel_choices_reproduce_the_reference(
     model = load_unet(tiny_config, fixtures / "tiny_unet_weights.safetensors")
     model.set_kernels(**kernels)
     assert model.kernels() == {"pointwise_linear": False, "packed_qkv": False,
-                               "padded_convs": False, **kernels}
+                               "padded_convs": False, "fused_geglu": False, **kernels}
     layouts = []
     if kernels["channels_last"]:
         def record(module: torch.nn.Module, args: tuple) -> None:
@@ -139,7 +139,7 @@ def test_kernel_choices_reproduce_the_reference(
     assert relative_error(out, golden["expected"]) < FAITHFUL_RELATIVE_ERROR
     assert all(layouts) and (len(layouts) > 50) == kernels["channels_last"]
     model.set_kernels(channels_last=False, temporal_attention="sdpa", pointwise_linear=False,
-                      packed_qkv=False, padded_convs=False)
+                      packed_qkv=False, padded_convs=False, fused_geglu=False)
     assert relative_error(run(model, golden), golden["expected"]) < FAITHFUL_RELATIVE_ERROR
     with pytest.raises(ValueError, match="temporal_attention must be one of"):
         model.set_kernels(temporal_attention="flash")

@@ -15,6 +15,7 @@ from diffusers.models.attention import FeedForward
 from torch import nn
 
 from media.latentsync.config import MotionModuleConfig
+from media.latentsync.geglu import feed_forward
 from media.latentsync.layers import Attention, frames_to_batch
 
 # LatentSync never passes its norm_num_groups to the motion modules: they use 32 always.
@@ -60,7 +61,11 @@ class TemporalAttention(Attention):
 
 
 class TemporalTransformerBlock(nn.Module):
-    """Pre-norm temporal self-attentions, then a GEGLU feed-forward, each residual."""
+    """Pre-norm temporal self-attentions, then a GEGLU feed-forward, each residual.
+
+    `fused_geglu`: as `BasicTransformerBlock`'s."""
+
+    fused_geglu = False  # an instance attribute overrides it
 
     def __init__(self, dim: int, cfg: MotionModuleConfig) -> None:
         super().__init__()
@@ -77,7 +82,7 @@ class TemporalTransformerBlock(nn.Module):
         # x: (B*H*W, F, C) -> (B*H*W, F, C)
         for attn, norm in zip(self.attention_blocks, self.norms, strict=True):
             x = attn(norm(x)) + x
-        out: torch.Tensor = self.ff(self.ff_norm(x)) + x
+        out: torch.Tensor = feed_forward(self.ff, self.ff_norm(x), self.fused_geglu) + x
         return out
 
 

@@ -29,8 +29,14 @@ from media.latentsync.layers import (
     frames_to_batch,
     second_half,
 )
-from media.latentsync.motion import TemporalAttention
-from media.latentsync.unet_blocks import DownBlock3D, MidBlock3D, SpatialTransformer, UpBlock3D
+from media.latentsync.motion import TemporalAttention, TemporalTransformerBlock
+from media.latentsync.unet_blocks import (
+    BasicTransformerBlock,
+    DownBlock3D,
+    MidBlock3D,
+    SpatialTransformer,
+    UpBlock3D,
+)
 
 TEMPORAL_ATTENTION_KERNELS = ("sdpa", "math", "inline", "triton")
 
@@ -129,6 +135,7 @@ class UNet3DConditionModel(nn.Module):
         self.pointwise_linear = False
         self.packed_qkv = False
         self.padded_convs = False
+        self.fused_geglu = False
         # padded_convs: zero-padded copies of conv_in's and conv_out's weights (buffers,
         # not in the state dict)
         self.register_buffer("conv_in_padded", None, persistent=False)
@@ -142,7 +149,8 @@ class UNet3DConditionModel(nn.Module):
                     temporal_attention: str | None = None,
                     pointwise_linear: bool | None = None,
                     packed_qkv: bool | None = None,
-                    padded_convs: bool | None = None) -> UNet3DConditionModel:
+                    padded_convs: bool | None = None,
+                    fused_geglu: bool | None = None) -> UNet3DConditionModel:
         """Execution choices that leave the weights' values and the math unchanged.
 
         channels_last: activations as (B, F, H, W, C) in memory (`channels_last_3d` of
@@ -163,7 +171,10 @@ class UNet3DConditionModel(nn.Module):
         padded_convs: `conv_in` (13 input channels) and `conv_out` (4 output channels)
         with their thin side zero-padded to a multiple of 16, the width tensor-core
         convolution kernels take (derived copies of the weights: set it again after
-        loading new weights). Returns self.
+        loading new weights).
+        fused_geglu: each transformer block's feed-forward GEGLU projection as one GEMM with
+        the gating in its epilogue (`media.latentsync.geglu`, a Triton kernel on CUDA; the
+        reference computation elsewhere). Returns self.
         """
         if channels_last is not None:
             fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -208,6 +219,11 @@ class UNet3DConditionModel(nn.Module):
                     moved |= module.pack_projections(packed_qkv)
             self.weights_version += moved
             self.packed_qkv = packed_qkv
+        if fused_geglu is not None:
+            for module in self.modules():
+                if isinstance(module, (BasicTransformerBlock, TemporalTransformerBlock)):
+                    module.fused_geglu = fused_geglu
+            self.fused_geglu = fused_geglu
         if padded_convs is not None or (channels_last is not None and self.padded_convs):
             # (again after a layout change: the padded copies take the weights' layout)
             self._pad_thin_convs(self.padded_convs if padded_convs is None else padded_convs)
@@ -219,7 +235,8 @@ class UNet3DConditionModel(nn.Module):
                 "temporal_attention": self.temporal_attention,
                 "pointwise_linear": self.pointwise_linear,
                 "packed_qkv": self.packed_qkv,
-                "padded_convs": self.padded_convs}
+                "padded_convs": self.padded_convs,
+                "fused_geglu": self.fused_geglu}
 
     def _pad_thin_convs(self, padded: bool) -> None:
         if padded or self.padded_convs:

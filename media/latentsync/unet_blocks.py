@@ -15,6 +15,7 @@ from diffusers.models.attention import FeedForward
 from torch import nn
 
 from media.latentsync.config import MotionModuleConfig
+from media.latentsync.geglu import feed_forward
 from media.latentsync.layers import (
     Attention,
     FrameConv2d,
@@ -66,7 +67,12 @@ class ResnetBlock3D(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Self-attention over a frame's pixels, cross-attention to the frame's audio, GEGLU FF."""
+    """Self-attention over a frame's pixels, cross-attention to the frame's audio, GEGLU FF.
+
+    `fused_geglu` (see UNet.set_kernels): the feed-forward's GEGLU projection as one
+    kernel (`geglu.geglu_linear`)."""
+
+    fused_geglu = False  # an instance attribute overrides it
 
     def __init__(self, dim: int, heads: int, audio_dim: int | None) -> None:
         super().__init__()
@@ -98,7 +104,7 @@ class BasicTransformerBlock(nn.Module):
                                self.attn2(self.norm2(heard), audio) + heard])
             else:
                 raise ValueError(f"{audio.shape[0]} audio rows for {x.shape[0]} frames")
-        out: torch.Tensor = self.ff(self.norm3(x)) + x
+        out: torch.Tensor = feed_forward(self.ff, self.norm3(x), self.fused_geglu) + x
         return out
 
 
