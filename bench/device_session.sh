@@ -10,7 +10,8 @@
 # ../shared folder does not travel). Steps: setup; tests (TESTS_K: a -k expression);
 # doctor (bench/aoti_doctor.py; DOCTOR_CASES, DOCTOR_RECIPES); parts, compiled
 # (bench/unet_parts.py; COMPILED_VARIANTS, COMPILED_SECTIONS, PARTS_BATCH); choices,
-# aot, tune, compile (bench/latentsync_bench.py); serve-aot (bench/gpu_serve.py). A pytest step's summary comes last: give it room.
+# aot, tune, compile (bench/latentsync_bench.py; COMPILE_FLAGS, e.g. --compile-renderer);
+# serve-aot (bench/gpu_serve.py). A pytest step's summary comes last: give it room.
 set -u
 OUT=${OUT:-out/device}
 mkdir -p "$OUT"
@@ -69,7 +70,7 @@ for arg in "$@"; do
             --budget-s $((limit - 240)) --out "$OUT/tune.md"
         ;;
     compile)
-        step compile "$limit" $BENCH --sections compile --compile-dynamic \
+        step compile "$limit" $BENCH --sections compile --compile-dynamic ${COMPILE_FLAGS:-} \
             --compile-batches 1,8 --budget-s $((limit - 150)) --out "$OUT/compile.md"
         ;;
     serve-aot)

@@ -69,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import describe  # noqa: E402
 from media.latentsync.accel import (  # noqa: E402
+    COMPILED_KERNELS,
     CompiledPredictor,
     GraphPredictor,
     NoisePredictor,
@@ -513,6 +514,14 @@ class Bench:
     def compiled_predictor(self, interval: int) -> NoisePredictor:
         dynamic = None if self.args.compile_dynamic else False
         if self.cuda:
+            if self.args.compile_renderer:  # as `renderer.noise_predictor_for` builds it
+                from media.latentsync import frame_attention
+
+                temporal = "triton" if frame_attention.AVAILABLE else "math"
+                return CompiledPredictor(self.unet, interval, mode=self.args.compile_mode,
+                                         dynamic=dynamic, guided=True,
+                                         kernels={**COMPILED_KERNELS,
+                                                  "temporal_attention": temporal})
             return CompiledPredictor(self.unet, interval, mode=self.args.compile_mode,
                                      dynamic=dynamic)
         return UNetPredictor(torch.compile(self.unet, dynamic=dynamic), interval)  # type: ignore[arg-type]
@@ -525,6 +534,8 @@ class Bench:
         mode = self.args.compile_mode
         if self.args.compile_dynamic:  # one predictor: later batch sizes use symbolic shapes
             mode += ", dynamic batch"
+        if self.args.compile_renderer:
+            mode += ", the renderer's guided forward and kernels"
             shared = self.compiled_predictor(1)
         for b in batches:
             if not self.time_left():
@@ -569,7 +580,8 @@ class Bench:
         if "compilewarm" not in self.args.sections:  # the parent: a fresh process's start
             self.fresh_process(["--sections", "compilewarm", "--compile-batch",
                                 str(min(batches)), "--compile-mode", self.args.compile_mode]
-                               + (["--compile-dynamic"] if self.args.compile_dynamic else []),
+                               + (["--compile-dynamic"] if self.args.compile_dynamic else [])
+                               + (["--compile-renderer"] if self.args.compile_renderer else []),
                                f"Inductor caches on disk ({os.environ['TORCHINDUCTOR_CACHE_DIR']})")
 
     def fresh_process(self, args: list[str], what: str) -> None:
@@ -869,6 +881,10 @@ def main() -> None:
     parser.add_argument("--compile-dynamic", action="store_true",
                         help="a dynamic batch (the server's setting): one predictor"
                         " for every batch size, one compile")
+    parser.add_argument("--compile-renderer", action="store_true",
+                        help="compile as the renderer does: the guided forward (the pair's"
+                        " shared part once) and its kernel choices (the Triton frame"
+                        " attention where available)")
     args = parser.parse_args()
     if args.tiny:  # a CPU smoke run: 4-frame chunks, one thread (a busy shared machine)
         global FRAMES

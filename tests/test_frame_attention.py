@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from media.latentsync import frame_attention as fa
+from media.latentsync.accel import COMPILED_KERNELS
 from media.latentsync.verify import relative_error
 from tests.latentsyncutil import tiny_unet_for_runners
 
@@ -53,14 +54,14 @@ def test_the_triton_kernel_is_a_config_choice_that_needs_triton() -> None:
         with pytest.raises(ConfigError, match="frame_attention: 'triton' needs Triton"):
             compiled_kernels(LatentSyncConfig(frame_attention="triton"), cuda_models)
         assert compiled_kernels(LatentSyncConfig(frame_attention="auto"), cuda_models) == {
-            "channels_last": True, "temporal_attention": "math"}  # auto, without Triton
+            **COMPILED_KERNELS, "temporal_attention": "math"}  # auto, without Triton
     else:
         assert compiled_kernels(LatentSyncConfig(frame_attention="auto"), cuda_models) == {
-            "channels_last": True, "temporal_attention": "triton"}
+            **COMPILED_KERNELS, "temporal_attention": "triton"}
     assert compiled_kernels(LatentSyncConfig(), cuda_models) == compiled_kernels(
         LatentSyncConfig(frame_attention="auto"), cuda_models)
     assert compiled_kernels(LatentSyncConfig(frame_attention="matmul"), cuda_models) == {
-        "channels_last": True, "temporal_attention": "math"}
+        **COMPILED_KERNELS, "temporal_attention": "math"}
 
 
 def test_reference_is_multi_head_attention_with_heads_side_by_side() -> None:

@@ -195,7 +195,9 @@ def test_compiled_unet_renders_what_eager_renders(
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     models = random_tiny_models("cuda")
     config = LatentSyncConfig(compile=True, compile_cache_dir=tmp_path / "inductor")
-    assert isinstance(noise_predictor_for(config, models), CompiledPredictor)
+    predictor = noise_predictor_for(config, models)
+    # The guided forward (guidance 1.5), one copy of the pair in under a symbolic batch.
+    assert isinstance(predictor, CompiledPredictor) and predictor.halved
     # The choices measured for compiling, the Triton kernel where Triton is installed.
     assert models.unet.kernels() == compiled_kernels(config, models)
     assert models.unet.kernels()["channels_last"] is True

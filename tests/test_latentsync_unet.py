@@ -266,45 +266,26 @@ def test_guided_forward_needs_a_pair(
         tiny_unet(one, golden["timestep"], golden["audio"][:frames], guided=True)
 
 
-def test_packed_projections_share_the_weights_and_keep_the_state_dict(
+def test_execution_choices_follow_weights_loaded_later(
     fixtures: Path, tiny_config: UNetConfig, golden: dict[str, torch.Tensor]
 ) -> None:
-    """packed_qkv: every self-attention's q, k and v weights become row blocks of one
-    tensor (no copy kept: the parameters are views of it), cross-attentions stay as they
-    are, the state dict keeps its keys and values, loading weights afterwards reaches the
-    packed tensor, and each packing or unpacking (and padding) counts as a weight move for
-    captured graphs. Unpacked, the weights are separate tensors again."""
-    model = load_unet(tiny_config, fixtures / "tiny_unet_weights.safetensors")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    """packed_qkv packs only self-attentions and reads the projections' own parameters on
+    every call, so weights loaded afterwards (here: after the choices were set) are the
+    ones used; padded_convs' copies follow once set again, and each padding (or its
+    removal) counts as a weight move for captured graphs."""
+    model = UNet3DConditionModel(tiny_config).eval()
     version = model.weights_version
-    model.set_kernels(packed_qkv=True)
+    model.set_kernels(packed_qkv=True, padded_convs=True)
     assert model.weights_version == version + 1
     attentions = [m for m in model.modules() if isinstance(m, Attention)]
-    packed = [m for m in attentions if m.qkv is not None]
-    assert packed and all(m.self_attention for m in packed)
-    assert all(m.qkv is None for m in attentions if not m.self_attention)
-    assert any(not m.self_attention for m in attentions)
-    for m in packed:
-        base = m.qkv.untyped_storage().data_ptr()
-        assert all(lin.weight.untyped_storage().data_ptr() == base
-                   for lin in (m.to_q, m.to_k, m.to_v))
-    state = model.state_dict()
-    assert state.keys() == before.keys()
-    assert all(torch.equal(state[k], before[k]) for k in before)
-    # Loading (here: scaled weights) writes through the views into the packed tensor.
-    scaled = {k: v * 2 if k.endswith("to_q.weight") else v for k, v in before.items()}
-    model.load_state_dict(scaled)
-    first = packed[0]
-    width = first.to_q.weight.shape[0]
-    assert torch.equal(first.qkv[:width], first.to_q.weight)
-    model.set_kernels(packed_qkv=False, padded_convs=True)
-    assert model.weights_version == version + 3
-    assert all(m.qkv is None for m in attentions)
-    ptrs = {m.to_q.weight.untyped_storage().data_ptr() for m in packed}
-    ptrs |= {m.to_k.weight.untyped_storage().data_ptr() for m in packed}
-    assert len(ptrs) == 2 * len(packed)
-    model.load_state_dict(before)
+    assert {m.self_attention for m in attentions} == {True, False}
+    assert all(m.packed for m in attentions)
+    model.load_state_dict(load_unet(tiny_config, fixtures / "tiny_unet_weights.safetensors")
+                          .state_dict())
     model.set_kernels(padded_convs=True)  # padded again from the loaded weights
+    assert model.weights_version == version + 2
     assert model.conv_in_padded is not None and model.conv_in_padded.shape[1] % 16 == 0
     assert model.conv_out_padded is not None and model.conv_out_padded.shape[0] % 16 == 0
     assert relative_error(run(model, golden), golden["expected"]) < FAITHFUL_RELATIVE_ERROR
+    model.set_kernels(padded_convs=False)
+    assert model.weights_version == version + 3 and model.conv_in_padded is None

@@ -310,11 +310,25 @@ class GraphPredictor:
 
 
 # The UNet's execution choices (`UNet3DConditionModel.set_kernels`) for compiled forwards
-# on CUDA, measured on an H100 (bench/unet_parts.py, bench/results/unet_parts_h100.md):
-# the motion modules' 16-frame attention as two batched matmuls instead of cuDNN's fused
-# kernel, whose query tiles are mostly padding there, with channels-last activations:
-# 197 ms a step against 208 for B = 8 chunks at 256 px, the same math.
-COMPILED_KERNELS: dict[str, Any] = {"channels_last": True, "temporal_attention": "math"}
+# on CUDA, each measured on an H100 against the others in the same run (B = 8 chunks at
+# 256 px, exact 20-step loop; bench/unet_parts.py, bench/results/unet_parts_h100.md):
+# - channels-last activations, and the motion modules' 16-frame attention as two batched
+#   matmuls instead of cuDNN's fused kernel, whose query tiles are mostly padding there:
+#   197 ms a step against 208 (the renderer picks the Triton kernel where it can:
+#   `renderer.compiled_kernels`);
+# - packed q/k/v projections: 1.4 ms a step less;
+# - not: the 1x1 convolutions as GEMMs (Inductor turns the up blocks' concatenated
+#   shortcuts into slow reductions: 21 ms more), zero-padded thin convolutions and the
+#   fused GEGLU kernel (its Triton GEMM runs at 280-480 TFLOP/s where cuBLAS runs at
+#   500-540: about 1 ms more).
+COMPILED_KERNELS: dict[str, Any] = {
+    "channels_last": True,
+    "temporal_attention": "math",
+    "pointwise_linear": False,
+    "packed_qkv": True,
+    "padded_convs": False,
+    "fused_geglu": False,
+}
 
 
 def apply_kernels(unet: UNet3DConditionModel, kernels: dict[str, Any] | None | str) -> None:

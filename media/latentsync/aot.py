@@ -349,8 +349,10 @@ def _store_package(program: torch.export.ExportedProgram, path: Path) -> None:
 
 
 def _bind_weights(runner: Any, module: nn.Module, path: Path) -> None:
-    """Point the artifact's constants at the module's own tensors (no copy), all of them."""
-    state = module.state_dict()
+    """Point the artifact's constants at the module's own tensors (no copy), all of them:
+    parameters and buffers, also buffers outside the state dict (`padded_convs`' copies)."""
+    state = {**dict(module.named_parameters(remove_duplicate=False)),
+             **dict(module.named_buffers(remove_duplicate=False))}
     names = list(runner.get_constant_fqns())
     unknown = [name for name in names if name not in state]
     baked = [name for name in state if name not in set(names)]

@@ -107,9 +107,8 @@ class Attention(nn.Module):
     kernel = "sdpa"  # an instance attribute overrides it (see UNet.set_kernels)
     # kernel "triton": (N, S, C) projections x3, heads -> (N, S, C), set with the kernel
     fused_op: Any = None
-    # Self-attention with packed projections (`pack_projections`): the (3C, C) weight
-    # whose rows `to_q`, `to_k` and `to_v` weights are views of; None otherwise.
-    qkv: torch.Tensor | None
+    # Self-attention only: q, k and v as one GEMM (see UNet.set_kernels).
+    packed = False  # an instance attribute overrides it
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None) -> None:
         super().__init__()
@@ -123,33 +122,16 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         # A list so the key is `to_out.0` (LatentSync's `to_out.1` is a parameterless dropout).
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-        self.register_buffer("qkv", None, persistent=False)
-
-    def pack_projections(self, packed: bool) -> bool:
-        """Self-attention only: compute q, k and v as one GEMM of a (3C, C) weight, whose
-        row blocks the `to_q`, `to_k` and `to_v` weights become views of (no extra memory;
-        the state dict keeps its keys and shapes). False undoes it. Returns whether weights
-        moved to new memory. Call it after loading and moving the model: a later `.to()`
-        copies the views apart."""
-        if not self.self_attention or packed == (self.qkv is not None):
-            return False
-        linears = (self.to_q, self.to_k, self.to_v)
-        if packed:
-            weight = torch.cat([linear.weight.data for linear in linears])  # (3C, C)
-            for linear, view in zip(linears, weight.chunk(3), strict=True):
-                linear.weight.data = view
-            self.qkv = weight
-        else:
-            for linear in linears:
-                linear.weight.data = linear.weight.data.clone()
-            self.qkv = None
-        return True
 
     def _projections(self, x: torch.Tensor, context: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: (N, S, C); context: (N, S_ctx, C_ctx) or None -> q (N, S, C), k and v (N, S_ctx, C)
-        if context is None and self.qkv is not None:
-            q, k, v = F.linear(x, self.qkv).chunk(3, dim=-1)  # views of one (N, S, 3C)
+        if context is None and self.packed and self.self_attention:
+            # One GEMM of the three weights side by side: the (3C, C) concatenation costs
+            # 3C^2 copied values a call, far less than the two GEMM launches, reads of x
+            # and tails it saves, and the parameters stay the checkpoint's own tensors.
+            weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+            q, k, v = F.linear(x, weight).chunk(3, dim=-1)  # views of one (N, S, 3C)
             return q, k, v
         context = x if context is None else context
         return self.to_q(x), self.to_k(context), self.to_v(context)

@@ -173,8 +173,8 @@ def noise_predictor_for(config: LatentSyncConfig, models: LatentSyncModels,
     `cuda_graphs` (the CPU has no graphs: eager there), compiled under the graphs when
     `compile`, DeepCache when `deepcache_interval` (or `interval`) > 1; `aot`: ahead-of-time
     artifacts (under the graphs on CUDA, run directly elsewhere). With guidance, the UNet's
-    guided forward (the pair's shared part once) in eager and CUDA-graph runs, not yet
-    under `compile` or `aot`."""
+    guided forward (the pair's shared part once) in eager, CUDA-graph and compiled runs,
+    not yet under `aot`."""
     interval = config.deepcache_interval if interval is None else interval
     kernels = compiled_kernels(config, models)
     if config.aot:  # its artifacts compute the whole guidance pair
@@ -183,12 +183,9 @@ def noise_predictor_for(config: LatentSyncConfig, models: LatentSyncModels,
                             kernels=kernels)
     guided = config.guidance_scale > 1.0  # every call a pair: its shared part runs once
     if config.cuda_graphs and models.device.type == "cuda":
-        # The plain pair: the guided forward under a symbolic batch (CompiledPredictor's
-        # halved inputs) compiles without graph breaks, but its GPU speed and compile
-        # time (one more graph, for one chunk) are not measured yet.
-        if config.compile:
+        if config.compile:  # the guided forward gets one copy of the pair (halved inputs)
             use_compile_cache(config.compile_cache_dir)
-            return CompiledPredictor(models.unet, interval, kernels=kernels)
+            return CompiledPredictor(models.unet, interval, kernels=kernels, guided=guided)
         return GraphPredictor(models.unet, interval, guided=guided)
     return UNetPredictor(models.unet, interval, guided=guided)
 

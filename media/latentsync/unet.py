@@ -165,9 +165,8 @@ class UNet3DConditionModel(nn.Module):
         pointwise_linear: the 1x1 convolutions (the spatial transformers' projections,
         the resnets' shortcuts) as linear layers over the channel axis (`layers.pointwise`):
         one cuBLAS GEMM each on channels-last activations.
-        packed_qkv: each self-attention's q, k and v projections as one GEMM
-        (`Attention.pack_projections`: the weights become views of one packed tensor;
-        `weights_version` counts the move). Call after loading and moving the model.
+        packed_qkv: each self-attention's q, k and v projections as one GEMM of the three
+        weights side by side (the cross-attentions' keys and values read other inputs).
         padded_convs: `conv_in` (13 input channels) and `conv_out` (4 output channels)
         with their thin side zero-padded to a multiple of 16, the width tensor-core
         convolution kernels take (derived copies of the weights: set it again after
@@ -213,11 +212,9 @@ class UNet3DConditionModel(nn.Module):
                     module.as_linear = pointwise_linear
             self.pointwise_linear = pointwise_linear
         if packed_qkv is not None:
-            moved = False
             for module in self.modules():
                 if isinstance(module, Attention):
-                    moved |= module.pack_projections(packed_qkv)
-            self.weights_version += moved
+                    module.packed = packed_qkv
             self.packed_qkv = packed_qkv
         if fused_geglu is not None:
             for module in self.modules():
