@@ -62,6 +62,14 @@ if recipe == "sample":  # time the load alone; SIGUSR1 every second: native samp
     faulthandler.cancel_dump_traceback_later()
     print(f"loaded in {time.perf_counter() - t0:.2f} s", flush=True)
     sys.exit(0)
+if recipe == "loadtime":  # the server's loader (aot.load_package), timed
+    import time
+    from pathlib import Path
+    from media.latentsync.aot import load_package
+    t0 = time.perf_counter()
+    runner = load_package(Path(path), device_index=0 if device == "cuda" else -1)
+    print(f"loaded in {time.perf_counter() - t0:.2f} s (the server's loader)", flush=True)
+    sys.exit(0)
 if recipe == "metadata":  # the loader's first step alone
     meta = torch._C._aoti.AOTIModelPackageLoader.load_metadata_from_package(path, "model")
     print("loaded; metadata", sorted(meta)[:6], flush=True)
@@ -109,9 +117,10 @@ print("ran", [tuple(o.shape) for o in (out if isinstance(out, (list, tuple)) els
 # "ldd" (the CUDA, torch and C++ libraries the package's wrapper library links), "trace"
 # (the "init" recipe with TRACER preloaded: the native frames of a crash, without gdb),
 # "toolchain" (no loading: the compiler, its flags, the C++ runtime the library carries),
-# "sample" (the load alone, timed, with native stack samples every second).
+# "sample" (the load alone, timed, with native stack samples every second), "loadtime"
+# (the server's loader, `aot.load_package`, timed: without torch's CPU ISA probe).
 RECIPES = ("package", "init", "metadata", "runner", "gdb", "ldd", "trace", "toolchain",
-           "sample")
+           "sample", "loadtime")
 
 # A crash handler for LD_PRELOAD: the faulting instruction and the native frames, each as
 # library, nearest exported symbol and offset (demangle with c++filt).
