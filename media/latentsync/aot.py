@@ -82,8 +82,7 @@ class AotLoadError(AotError):
 _PROBE = (
     "import sys, torch; from torch._inductor import cpu_vec_isa as isa;"
     " torch._inductor.config.cpp.vec_isa_ok = True;"  # see load_package
-    " isa.supported_vec_isa_list = [i for i in isa.supported_vec_isa_list"
-    " if type(i).__name__ != 'VecAMX'];"
+    " isa.VecISA.check_build = lambda self, code: True;"
     " torch._inductor.aoti_load_package(sys.argv[1], device_index=int(sys.argv[2]))"
 )
 PROBE_TIMEOUT_S = 600.0
@@ -292,27 +291,40 @@ def load_package(path: Path, *, single_threaded: bool = False, device_index: int
     38 of the 42 s that a fresh process took to load the UNet artifact (native and
     Python stack samples, `bench/aoti_doctor.py --package P --recipes sample`). Only a
     mismatch warning depends on that answer, and the artifact's key already names the
-    GPU and the torch build; `cpp.vec_isa_ok` takes the ISAs the CPU reports as usable.
-    AMX's check ignores that setting and still builds and loads two test libraries
-    (26 of the 27 s left on the H100 machines, cProfile): AMX is left out of the ISAs
-    looked at during the load, and torch's cached answer is dropped afterwards, so a
-    later CPU compile in this process probes as it always does."""
+    GPU and the torch build. So during the load the ISAs the CPU reports are taken as
+    they are: `cpp.vec_isa_ok`, and no test builds (the AVX-512, VNNI and AMX checks
+    build theirs whatever that setting says: 26 of the 27 s left, cProfile). torch's
+    cached answers are dropped afterwards, so a later CPU compile in this process probes
+    as it always does."""
     from torch._inductor import cpu_vec_isa
 
-    candidates = cpu_vec_isa.supported_vec_isa_list
-    cpu_vec_isa.supported_vec_isa_list = _without_amx(candidates)
+    probe = cpu_vec_isa.VecISA.check_build
+    cpu_vec_isa.VecISA.check_build = _reported  # type: ignore[method-assign,assignment]
     try:
         with torch._inductor.config.patch({"cpp.vec_isa_ok": True}):
             return torch._inductor.aoti_load_package(
                 str(path), run_single_threaded=single_threaded, device_index=device_index
             )
     finally:
-        cpu_vec_isa.supported_vec_isa_list = candidates
-        cpu_vec_isa.valid_vec_isa_list.cache_clear()
+        cpu_vec_isa.VecISA.check_build = probe  # type: ignore[method-assign]
+        forget_isa_answers()
 
 
-def _without_amx(isas: list[Any]) -> list[Any]:
-    return [isa for isa in isas if type(isa).__name__ != "VecAMX"]
+def _reported(isa: Any, code: str) -> bool:
+    return True  # the CPU's own flags already admitted this ISA
+
+
+def forget_isa_answers() -> None:
+    """Drop torch's per-process cache of which CPU ISAs build and load."""
+    from torch._inductor import cpu_vec_isa
+
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    for cls in vars(cpu_vec_isa).values():
+        if isinstance(cls, type) and issubclass(cls, cpu_vec_isa.VecISA):
+            for name in ("__bool__", "_VecISA__bool__impl"):
+                clear = getattr(cls.__dict__.get(name), "cache_clear", None)
+                if clear is not None:
+                    clear()
 
 
 def probe_load(path: Path, device_index: int = -1) -> None:
