@@ -95,7 +95,6 @@ def test_unet_with_every_choice_computes_the_default_unet(
     """The fused GEGLU with the other execution choices (packed q/k/v, padded thin
     convolutions, the frames' attention kernel, channels-last), eager and compiled."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 convolutions
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     unet = tiny_unet_for_runners().cuda()
     gen = torch.Generator("cuda").manual_seed(0)
     sample = torch.randn(2, 13, 16, 8, 8, generator=gen, device="cuda")
