@@ -16,6 +16,9 @@ Sections:
 - `compiled`: the same loop compiled (`torch.compile`, static shapes, CUDA graphs) per
   `--compiled-variants`, with each variant's cold compile time and GPU-time split by
   kernel kind.
+- `geglu`: each feed-forward GEGLU projection of one call alone: Inductor's compiled form
+  (library GEMM, then the gating kernel) against the fused kernel (`geglu.geglu_linear`).
+- `convs`: each convolution of one call alone, cuDNN's heuristic against autotuning.
 
 A variant name is a key of VARIANTS; "+cfg" after it runs the UNet's guided forward
 (the guidance pair's shared part once, the silent half's cross-attention as its bias).
