@@ -57,12 +57,7 @@ if recipe == "sample":  # time the load alone; SIGUSR1 every second: native samp
     t0 = time.perf_counter()
     faulthandler.dump_traceback_later(1.0, repeat=True)  # the Python stacks too
     threading.Thread(target=sampler, daemon=True).start()
-    if os.environ.get("DOCTOR_SERVER_LOADER"):  # sample the server's loader instead
-        from pathlib import Path
-        from media.latentsync.aot import load_package
-        runner = load_package(Path(path), device_index=0 if device == "cuda" else -1)
-    else:
-        runner = torch._inductor.aoti_load_package(path, device_index=0 if device == "cuda" else -1)
+    runner = torch._inductor.aoti_load_package(path, device_index=0 if device == "cuda" else -1)
     done.set()
     faulthandler.cancel_dump_traceback_later()
     print(f"loaded in {time.perf_counter() - t0:.2f} s", flush=True)

@@ -80,6 +80,25 @@ def tiny_unet_for_runners() -> UNet3DConditionModel:
         return UNet3DConditionModel(tiny_unet_config()).eval().requires_grad_(False)
 
 
+def assert_cuda_kernels_compute_the_default_unet(**kernels: Any) -> None:
+    """The fixture UNet on CUDA in float32 (TF32 convolutions off: the caller's
+    monkeypatch) with `set_kernels(**kernels)`, eager and compiled, against its defaults."""
+    from media.latentsync.verify import relative_error
+
+    unet = tiny_unet_for_runners().cuda()
+    gen = torch.Generator("cuda").manual_seed(0)
+    sample = torch.randn(2, 13, 16, 8, 8, generator=gen, device="cuda")
+    audio = torch.randn(32, 50, 384, generator=gen, device="cuda")
+    with torch.inference_mode():
+        expected = unet(sample, 500, audio)
+        unet.set_kernels(**kernels)
+        got = unet(sample, 500, audio)
+        compiled = torch.compile(unet)(sample, torch.tensor([500], device="cuda"), audio)
+    torch._dynamo.reset()
+    assert relative_error(got, expected) < 1e-4
+    assert relative_error(compiled, expected) < 1e-4
+
+
 @functools.cache
 def tiny_models() -> LatentSyncModels:
     """Loaded once per test process and shared read-only (as a server shares its models)."""

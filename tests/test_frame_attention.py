@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from media.latentsync import frame_attention as fa
 from media.latentsync.accel import COMPILED_KERNELS
 from media.latentsync.verify import relative_error
-from tests.latentsyncutil import tiny_unet_for_runners
+from tests.latentsyncutil import (
+    assert_cuda_kernels_compute_the_default_unet,
+    tiny_unet_for_runners,
+)
 
 pytestmark = [pytest.mark.unit]
 CUDA_TRITON = pytest.mark.skipif(not fa.AVAILABLE, reason="needs Triton and a CUDA GPU")
@@ -120,18 +123,8 @@ def test_unet_with_the_kernel_computes_the_default_unet(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 convolutions
-    unet = tiny_unet_for_runners().cuda()
-    gen = torch.Generator("cuda").manual_seed(0)
-    sample = torch.randn(2, 13, 16, 8, 8, generator=gen, device="cuda")
-    audio = torch.randn(32, 50, 384, generator=gen, device="cuda")
-    with torch.inference_mode():
-        expected = unet(sample, 500, audio)
-        unet.set_kernels(channels_last=True, temporal_attention="triton")
-        got = unet(sample, 500, audio)
-        compiled = torch.compile(unet)(sample, torch.tensor([500], device="cuda"), audio)
-    torch._dynamo.reset()
-    assert relative_error(got, expected) < 1e-4
-    assert relative_error(compiled, expected) < 1e-4
+    assert_cuda_kernels_compute_the_default_unet(
+        channels_last=True, temporal_attention="triton")
 
 
 @pytest.mark.gpu

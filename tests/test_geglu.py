@@ -10,7 +10,7 @@ from diffusers.models.attention import FeedForward
 
 from media.latentsync import geglu
 from media.latentsync.verify import relative_error
-from tests.latentsyncutil import tiny_unet_for_runners
+from tests.latentsyncutil import assert_cuda_kernels_compute_the_default_unet
 
 pytestmark = [pytest.mark.unit]
 CUDA_TRITON = pytest.mark.skipif(not geglu.AVAILABLE, reason="needs Triton and a CUDA GPU")
@@ -95,16 +95,6 @@ def test_unet_with_every_choice_computes_the_default_unet(
     """The fused GEGLU with the other execution choices (packed q/k/v, padded thin
     convolutions, the frames' attention kernel, channels-last), eager and compiled."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 convolutions
-    unet = tiny_unet_for_runners().cuda()
-    gen = torch.Generator("cuda").manual_seed(0)
-    sample = torch.randn(2, 13, 16, 8, 8, generator=gen, device="cuda")
-    audio = torch.randn(32, 50, 384, generator=gen, device="cuda")
-    with torch.inference_mode():
-        expected = unet(sample, 500, audio)
-        unet.set_kernels(channels_last=True, temporal_attention="triton", packed_qkv=True,
-                         padded_convs=True, fused_geglu=True)
-        got = unet(sample, 500, audio)
-        compiled = torch.compile(unet)(sample, torch.tensor([500], device="cuda"), audio)
-    torch._dynamo.reset()
-    assert relative_error(got, expected) < 1e-4
-    assert relative_error(compiled, expected) < 1e-4
+    assert_cuda_kernels_compute_the_default_unet(
+        channels_last=True, temporal_attention="triton", packed_qkv=True,
+        padded_convs=True, fused_geglu=True)
