@@ -76,15 +76,14 @@ class AotLoadError(AotError):
     """torch's package loader fails on an artifact (in a throwaway process)."""
 
 
-# Loads one package in a child process: a loader that crashes (torch 2.11's CUDA loader
-# segfaults on libraries built with a static C++ runtime) takes the child down, not the
-# server.
+# Loads one package in a child process with the server's loader (`load_package`): a
+# loader that crashes (torch 2.11's CUDA loader segfaults on libraries built with a
+# static C++ runtime) takes the child down, not the server.
 _PROBE = (
-    "import sys, torch; from torch._inductor import cpu_vec_isa as isa;"
-    " torch._inductor.config.cpp.vec_isa_ok = True;"  # see load_package
-    " isa.VecISA.check_build = lambda self, code: True;"
-    " torch._inductor.aoti_load_package(sys.argv[1], device_index=int(sys.argv[2]))"
+    "import sys; from pathlib import Path; from media.latentsync.aot import load_package;"
+    " load_package(Path(sys.argv[1]), device_index=int(sys.argv[2]))"
 )
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the child imports this package
 PROBE_TIMEOUT_S = 600.0
 
 
@@ -334,9 +333,11 @@ def probe_load(path: Path, device_index: int = -1) -> None:
     if marker.is_file() and marker.stat().st_mtime >= path.stat().st_mtime:
         return
     try:
+        path_list = [str(_PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
         child = subprocess.run(
             [sys.executable, "-c", _PROBE, str(path), str(device_index)],
             capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(path_list)},
         )
     except subprocess.TimeoutExpired:
         raise AotLoadError(
