@@ -58,7 +58,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -69,7 +69,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import describe  # noqa: E402
 from media.latentsync.accel import (  # noqa: E402
-    COMPILED_KERNELS,
     CompiledPredictor,
     GraphPredictor,
     NoisePredictor,
@@ -515,13 +514,17 @@ class Bench:
         dynamic = None if self.args.compile_dynamic else False
         if self.cuda:
             if self.args.compile_renderer:  # as `renderer.noise_predictor_for` builds it
-                from media.latentsync import frame_attention
+                from types import SimpleNamespace
 
-                temporal = "triton" if frame_attention.AVAILABLE else "math"
+                from agent.config import LatentSyncConfig
+                from media.latentsync.pipeline import LatentSyncModels
+                from media.latentsync.renderer import compiled_kernels
+
+                device = self.unet.conv_in.weight.device  # compiled_kernels reads only this
+                on = cast(LatentSyncModels, SimpleNamespace(device=device))
                 return CompiledPredictor(self.unet, interval, mode=self.args.compile_mode,
                                          dynamic=dynamic, guided=True,
-                                         kernels={**COMPILED_KERNELS,
-                                                  "temporal_attention": temporal})
+                                         kernels=compiled_kernels(LatentSyncConfig(), on))
             return CompiledPredictor(self.unet, interval, mode=self.args.compile_mode,
                                      dynamic=dynamic)
         return UNetPredictor(torch.compile(self.unet, dynamic=dynamic), interval)  # type: ignore[arg-type]
