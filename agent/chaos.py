@@ -33,11 +33,14 @@ import numpy as np
 from agent.errors import GpuOutOfMemory, RenderError
 from media.types import (
     AvatarPrep,
+    Frames,
+    FrameSink,
     RenderChunk,
     Renderer,
     RendererCapabilities,
     RenderResult,
     prepare_inner,
+    render_inner,
 )
 
 
@@ -158,6 +161,16 @@ class ChaosRenderer:
         return prepare_inner(self.inner, avatar, max_frames)
 
     def render(self, batch: Sequence[RenderChunk]) -> list[RenderResult]:
+        return self._render(batch, None)
+
+    def render_streaming(self, batch: Sequence[RenderChunk],
+                         on_frames: FrameSink) -> list[RenderResult]:
+        """The inner renderer's streaming render (its plain one when it does not stream),
+        with the same faults; a corrupting fault corrupts the early frames too."""
+        return self._render(batch, on_frames)
+
+    def _render(self, batch: Sequence[RenderChunk],
+                on_frames: FrameSink | None) -> list[RenderResult]:
         with self._lock:
             spec, lifted = self._spec, self._lifted
             active = spec.active(self._clock() - self._started)
@@ -174,9 +187,13 @@ class ChaosRenderer:
             case Fault.OOM:
                 raise GpuOutOfMemory("chaos: injected out of GPU memory")
             case Fault.CORRUPT_NAN | Fault.CORRUPT_BLACK:
-                return [_corrupt(r, fault) for r in self.inner.render(batch)]
+                sink = None
+                if on_frames is not None:
+                    def sink(i: int, frames: Frames) -> None:
+                        on_frames(i, _corrupt_frames(frames, fault))
+                return [_corrupt(r, fault) for r in render_inner(self.inner, batch, sink)]
             case Fault.NONE:
-                return self.inner.render(batch)
+                return render_inner(self.inner, batch, on_frames)
 
     def close(self) -> None:
         with self._lock:
@@ -185,9 +202,12 @@ class ChaosRenderer:
 
 
 def _corrupt(result: RenderResult, fault: Fault) -> RenderResult:
+    return RenderResult(key=result.key, frames=_corrupt_frames(result.frames, fault),
+                        stages=result.stages)
+
+
+def _corrupt_frames(frames: Frames, fault: Fault) -> Frames:
     if fault is Fault.CORRUPT_NAN:
         # A renderer that forgot to clamp and convert its float output.
-        frames = np.full(result.frames.shape, np.nan, np.float32)  # (F, H, W, 3)
-    else:
-        frames = np.zeros_like(result.frames)
-    return RenderResult(key=result.key, frames=frames, stages=result.stages)  # type: ignore[arg-type]
+        return np.full(frames.shape, np.nan, np.float32)
+    return np.zeros_like(frames)

@@ -73,7 +73,7 @@ from agent.tiers import ChunkReport, SessionHealth
 from agent.videoout import OutputFormat, VideoOutput
 from media.audio import float_to_pcm16, pcm16_to_float
 from media.encode import fit_size
-from media.types import ChunkKey, RenderChunk
+from media.types import ChunkKey, Frames, RenderChunk
 from sessions.session import HoldSlot, IdleSlot, MediaSlot, SessionCore, SessionParams
 from sessions.store import StoredSession
 from sessions.timeline import Timeline
@@ -565,10 +565,17 @@ class SessionConnection:
             else:
                 prio = Priority.SPECULATIVE
             lane = Lane.PRIMARY if tier == 1 else Lane.FALLBACK
-            fut = self.server.engine.submit(chunk, now + ahead, prio, lane)
+            fut = self.server.engine.submit(chunk, now + ahead, prio, lane,
+                                            on_frames=functools.partial(self._on_early_frames,
+                                                                        chunk.key))
             self._renders.add(fut)
             self._in_flight[chunk.key] = chunk
             fut.add_done_callback(functools.partial(self._on_render_done, chunk, lane))
+
+    def _on_early_frames(self, key: ChunkKey, frames: Frames) -> None:
+        """A chunk's first frames, checked, ahead of the rest (a streaming renderer's)."""
+        if self.core is not None and not self._closing:
+            self.core.on_rendered(key, frames, partial=True)
 
     def _on_render_done(self, chunk: RenderChunk, wanted: Lane,
                         fut: asyncio.Future[Rendered]) -> None:

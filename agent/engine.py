@@ -20,6 +20,13 @@ rendered at all, its source pictures with the mouth closed (the stand-in).
 (`PreparesAvatars`) compute it ahead of the avatar's first chunk, on the
 lane's own thread in slices, so that a render queued meanwhile waits for one
 slice at most.
+
+Early frames: a chunk submitted with `on_frames` gets the leading frames that a
+streaming renderer (`StreamsFrames`) hands over before the call ends, checked by
+the validator as they come, on the event loop, before its future resolves. Only
+the plan's own render delivers them (never a shadow probe), and only until it
+ends: after a timeout or an error nothing more arrives, and the future's frames
+(the stand-in's past the frames already shown) complete the chunk.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from media.types import (
     RenderChunk,
     Renderer,
     RenderResult,
+    StreamsFrames,
 )
 
 log = structlog.get_logger(__name__)
@@ -62,6 +70,7 @@ WAIT_MIN_SAMPLES = 20
 LATE_SLACK = 1.5  # see Engine._late
 PREPARE_SLICE_FRAMES = 32  # source frames per prepare job (one VAE batch of LatentSync's)
 Validator = Callable[[RenderChunk, RenderResult], Verdict]
+EarlyFrames = Callable[[Frames], None]  # a chunk's first frames, ahead of its future
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +221,7 @@ class Engine:
         self.router = FallbackRouter([lane.breaker for lane in self.primary], fb_breaker)
         self._aux = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stand-in")
         self._futures: dict[ChunkKey, asyncio.Future[Rendered]] = {}
+        self._early: dict[ChunkKey, EarlyFrames] = {}  # open to early frames
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -233,6 +243,7 @@ class Engine:
                 await self._task
         for task in list(self._tasks):
             task.cancel()
+        self._early.clear()
         for fut in self._futures.values():
             if not fut.done():
                 fut.cancel()
@@ -243,10 +254,16 @@ class Engine:
     # --- work in --------------------------------------------------------------
 
     def submit(self, chunk: RenderChunk, deadline: float, priority: Priority,
-               lane: Lane = Lane.PRIMARY) -> asyncio.Future[Rendered]:
+               lane: Lane = Lane.PRIMARY, on_frames: EarlyFrames | None = None
+               ) -> asyncio.Future[Rendered]:
+        """Queue a chunk; its future resolves to the frames to show. `on_frames` gets,
+        on the event loop, the chunk's leading frames (each call more of them) that a
+        streaming renderer hands over early, checked; the future's frames begin with them."""
         now = self.clock()
         fut: asyncio.Future[Rendered] = asyncio.get_running_loop().create_future()
         self._futures[chunk.key] = fut
+        if on_frames is not None:
+            self._early[chunk.key] = on_frames
         self._last_chunk = chunk
         item = WorkItem(chunk, deadline, priority, now, lane)
         for shed in self.scheduler.submit(item, now):
@@ -257,6 +274,7 @@ class Engine:
     def cancel(self, session: str, turns: Iterable[str] | None = None) -> None:
         now = self.clock()
         for item in self.scheduler.cancel(session, turns):
+            self._early.pop(item.key, None)
             fut = self._futures.pop(item.key, None)
             if fut is not None and not fut.done():
                 fut.cancel()
@@ -378,9 +396,14 @@ class Engine:
 
     # --- execution --------------------------------------------------------------
 
-    def _render_checked(self, renderer: Renderer, chunks: list[RenderChunk]) -> list[_Checked]:
-        """In the lane's thread: render, check each chunk, stand in for failing ones."""
-        results = renderer.render(chunks)
+    def _render_checked(self, renderer: Renderer, chunks: list[RenderChunk],
+                        early: Callable[[int, Frames], None] | None = None) -> list[_Checked]:
+        """In the lane's thread: render, check each chunk, stand in for failing ones.
+        `early`: stream (`StreamsFrames`) and pass it the early frames."""
+        if early is not None and isinstance(renderer, StreamsFrames):
+            results = renderer.render_streaming(chunks, early)
+        else:
+            results = renderer.render(chunks)
         if len(results) != len(chunks):
             raise RenderError(f"renderer returned {len(results)} results for "
                               f"{len(chunks)} chunks", retryable=False)
@@ -391,14 +414,53 @@ class Engine:
             out.append((frames, verdict, result.stages))
         return out
 
-    async def _run_on(self, lane: _Lane, chunks: list[RenderChunk]) -> list[_Checked]:
-        """Run on the lane's thread with the timeout; a hung thread is abandoned."""
-        job = lane.worker.submit(lambda: self._render_checked(lane.renderer, chunks))
+    async def _run_on(self, lane: _Lane, chunks: list[RenderChunk], *, stream: bool = False
+                      ) -> list[_Checked]:
+        """Run on the lane's thread with the timeout; a hung thread is abandoned. `stream`:
+        deliver early frames to the chunks submitted with `on_frames`."""
+        early = None
+        if stream and any(c.key in self._early for c in chunks):
+            early = self._early_sink(chunks)
+        job = lane.worker.submit(lambda: self._render_checked(lane.renderer, chunks, early))
         try:
             return await asyncio.wait_for(asyncio.wrap_future(job), self.render_timeout_s)
         except TimeoutError:
             self._abandon(lane, job)
             raise
+
+    def _early_sink(self, chunks: list[RenderChunk]) -> Callable[[int, Frames], None]:
+        """The renderer's `on_frames` for one plan (called in the lane's thread): check the
+        frames not yet checked, then hand them to the event loop. A chunk whose early
+        frames fail a check gets no more of them (its future decides)."""
+        loop = asyncio.get_running_loop()
+        checked = [0] * len(chunks)
+        refused = [False] * len(chunks)
+
+        def sink(i: int, frames: Frames) -> None:
+            chunk = chunks[i]
+            done = checked[i]
+            if refused[i] or not done < len(frames) < len(chunk.frames):
+                return
+            if self._validate is not None:
+                part = replace(chunk, frames=chunk.frames[done : len(frames)],
+                               first_frame=chunk.first_frame + done)
+                verdict = self._validate(part, RenderResult(chunk.key, frames[done:]))
+                if not verdict.ok:
+                    refused[i] = True
+                    log.warning("early_frames_refused", turn_id=chunk.key.turn,
+                                chunk=chunk.key.index, check=verdict.check, detail=verdict.detail)
+                    return
+            checked[i] = len(frames)
+            loop.call_soon_threadsafe(self._deliver_early, chunk.key, frames)
+
+        return sink
+
+    def _deliver_early(self, key: ChunkKey, frames: Frames) -> None:
+        """On the loop: pass early frames on while the chunk's plan is still running."""
+        on_frames = self._early.get(key)
+        fut = self._futures.get(key)
+        if on_frames is not None and fut is not None and not fut.done():
+            on_frames(frames)
 
     def _abandon(self, lane: _Lane, job: concurrent.futures.Future[Any]) -> None:
         lane.worker.stop()
@@ -433,7 +495,7 @@ class Engine:
         outcome, detail, timed_out, kind = "ok", "", False, None
         retry: list[WorkItem] = []
         try:
-            checked = await self._run_on(lane, chunks)
+            checked = await self._run_on(lane, chunks, stream=True)
         except TimeoutError:
             outcome, timed_out, kind = "timeout", True, "model_timeout"
             detail = f"render not back within {self.render_timeout_s:g} s"
@@ -448,6 +510,8 @@ class Engine:
         finally:
             lane.busy = False
             self._wake.set()
+            for chunk in chunks:  # a hung or failed render delivers nothing more
+                self._early.pop(chunk.key, None)
         end = self.clock()
         self.scheduler.complete(plan, end)
         route = Route.PRIMARY if lane.kind is Lane.PRIMARY else Route.FALLBACK
@@ -529,6 +593,7 @@ class Engine:
         return end > item.enqueued + LATE_SLACK * latency.estimate(len(item.chunk.frames))
 
     def _resolve(self, rendered: Rendered) -> None:
+        self._early.pop(rendered.key, None)
         fut = self._futures.pop(rendered.key, None)
         if fut is not None and not fut.done():
             fut.set_result(rendered)

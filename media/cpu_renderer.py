@@ -9,6 +9,7 @@ several threads at once and any chunking of a turn gives the same pictures.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,8 @@ from media.mouth import LOOKAHEAD_SAMPLES, mouth_track, open_mouth
 from media.types import (
     RENDER_SAMPLE_RATE,
     Frame,
+    Frames,
+    FrameSink,
     FrameSpec,
     RenderChunk,
     RendererCapabilities,
@@ -30,6 +33,8 @@ from media.types import (
 )
 
 MAX_BATCH = 4  # chunks are independent; a batch only saves call overhead
+LEAD_FRAMES = 2  # streaming: a turn's first chunk hands over its first frames this early
+PASTE_GROUP = 4  # and then this many frames at a time
 
 
 class CpuRenderer:
@@ -64,23 +69,40 @@ class CpuRenderer:
     def render(self, batch: Sequence[RenderChunk]) -> list[RenderResult]:
         return [self._render_chunk(chunk) for chunk in batch]
 
+    def render_streaming(self, batch: Sequence[RenderChunk],
+                         on_frames: FrameSink) -> list[RenderResult]:
+        """`render`, handing a turn's first chunk over early (`StreamsFrames`): its first
+        LEAD_FRAMES as soon as they are drawn, then every PASTE_GROUP frames."""
+        return [self._render_chunk(chunk, functools.partial(on_frames, i)
+                                   if chunk.first_frame == 0 else None)
+                for i, chunk in enumerate(batch)]
+
     def close(self) -> None:
         """Nothing to release."""
 
-    def _render_chunk(self, chunk: RenderChunk) -> RenderResult:
+    def _render_chunk(self, chunk: RenderChunk,
+                      on_frames: Callable[[Frames], None] | None = None) -> RenderResult:
         t0 = time.perf_counter()
         avatar = self._avatar(chunk)
         n = len(chunk.frames)
         track = mouth_track(chunk.audio, chunk.first_frame, n, chunk.fps)
         t1 = time.perf_counter()
         frames = np.empty((n, avatar.height, avatar.width, 3), np.uint8)  # (F, H, W, 3)
-        geometry = [_source(avatar, spec, frames[i]) for i, spec in enumerate(chunk.frames)]
-        t2 = time.perf_counter()
+        source = mouth = 0.0
         for i, spec in enumerate(chunk.frames):
+            t = time.perf_counter()
+            geometry = _source(avatar, spec, frames[i])
+            t_mouth = time.perf_counter()
             if spec.speech:
-                open_mouth(frames[i], geometry[i], float(track.opening[i]), float(track.spread[i]))
-        t3 = time.perf_counter()
-        stages = {"audio_features": t1 - t0, "source": t2 - t1, "mouth": t3 - t2}
+                open_mouth(frames[i], geometry, float(track.opening[i]), float(track.spread[i]))
+            source += t_mouth - t
+            mouth += time.perf_counter() - t_mouth
+            done = i + 1
+            if on_frames is not None and done < n and (
+                    done == LEAD_FRAMES or (done > LEAD_FRAMES
+                                            and (done - LEAD_FRAMES) % PASTE_GROUP == 0)):
+                on_frames(frames[:done])
+        stages = {"audio_features": t1 - t0, "source": source, "mouth": mouth}
         return RenderResult(key=chunk.key, frames=frames, stages=stages)
 
     def _avatar(self, chunk: RenderChunk) -> Avatar:

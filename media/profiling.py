@@ -15,11 +15,13 @@ from pathlib import Path
 
 from media.types import (
     AvatarPrep,
+    FrameSink,
     RenderChunk,
     Renderer,
     RendererCapabilities,
     RenderResult,
     prepare_inner,
+    render_inner,
 )
 
 
@@ -48,12 +50,21 @@ class ProfilingRenderer:
         self.inner.close()
 
     def render(self, batch: Sequence[RenderChunk]) -> list[RenderResult]:
+        return self._render(batch, None)
+
+    def render_streaming(self, batch: Sequence[RenderChunk],
+                         on_frames: FrameSink) -> list[RenderResult]:
+        """The inner renderer's streaming render (its plain one when it does not stream)."""
+        return self._render(batch, on_frames)
+
+    def _render(self, batch: Sequence[RenderChunk],
+                on_frames: FrameSink | None) -> list[RenderResult]:
         with self._lock:
             profile = self.remaining > 0
             if profile:
                 self.remaining -= len(batch)
         if not profile:
-            return self.inner.render(batch)
+            return render_inner(self.inner, batch, on_frames)
         import torch
         from torch.profiler import ProfilerActivity, record_function
         from torch.profiler import profile as torch_profile
@@ -64,7 +75,7 @@ class ProfilingRenderer:
         keys = ",".join(f"{c.key.session}/{c.key.turn}/{c.key.index}" for c in batch)
         with torch_profile(activities=activities, record_shapes=True) as prof:
             with record_function(f"render[{keys}]"):
-                results = self.inner.render(batch)
+                results = render_inner(self.inner, batch, on_frames)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"chunks-{time.time_ns()}.trace.json"
         prof.export_chrome_trace(str(path))

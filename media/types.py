@@ -11,7 +11,7 @@ fps, audio samples at `RENDER_SAMPLE_RATE`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -132,6 +132,26 @@ class Renderer(Protocol):
     def close(self) -> None: ...
 
 
+# Early frames of a render call: (index of the chunk in the batch, the chunk's frames so far).
+FrameSink = Callable[[int, Frames], None]
+
+
+@runtime_checkable
+class StreamsFrames(Protocol):
+    """An optional renderer member: hand each chunk's leading frames over as they are ready.
+
+    `render_streaming` does what `render` does and returns the same results; while it
+    runs it may call `on_frames(i, frames)` from its own thread, any number of times, with
+    the first k frames of `batch[i]` (k growing, less than the chunk's count). Those
+    frames are final: the same pixels as the first k frames of its result. A turn's first
+    frame can then leave the renderer before the rest of its chunk is decoded and pasted.
+    An exception from `on_frames` propagates (the call fails as any render does).
+    """
+
+    def render_streaming(self, batch: Sequence[RenderChunk],
+                         on_frames: FrameSink) -> list[RenderResult]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class AvatarPrep:
     """What one `prepare_avatar` call did for one avatar."""
@@ -169,3 +189,12 @@ def samples_per_frame(fps: int, rate: int = RENDER_SAMPLE_RATE) -> int:
     if rate % fps:
         raise ValueError(f"{rate} Hz audio does not divide into {fps} fps frames")
     return rate // fps
+
+
+def render_inner(inner: Renderer, batch: Sequence[RenderChunk],
+                 on_frames: FrameSink | None) -> list[RenderResult]:
+    """`render` or `render_streaming` for a wrapping renderer: the inner renderer's streaming
+    render when there is a sink and it streams, else its plain one."""
+    if on_frames is not None and isinstance(inner, StreamsFrames):
+        return inner.render_streaming(batch, on_frames)
+    return inner.render(batch)

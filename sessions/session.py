@@ -274,10 +274,19 @@ class SessionCore:
             self._chunks_requested += 1
         return out
 
-    def on_rendered(self, key: ChunkKey, frames: Frames) -> bool:
-        """Store a rendered chunk; False when its turn is gone (interrupted)."""
+    def on_rendered(self, key: ChunkKey, frames: Frames, *, partial: bool = False) -> bool:
+        """Store a rendered chunk; False when its turn is gone (interrupted).
+
+        `partial`: the chunk's first frames, ahead of the rest (a streaming renderer's
+        early frames): playout may show them; the whole chunk follows, beginning with the
+        same frames, and replaces them."""
         for t in self._turns:
             if t.id == key.turn:
+                if partial:
+                    have = t.rendered.get(key.index)
+                    if have is None or len(have) < len(frames):
+                        t.rendered[key.index] = frames
+                    return True
                 t.rendered[key.index] = frames
                 self._chunks_rendered += 1
                 return True
@@ -346,7 +355,8 @@ class SessionCore:
         total = t.total_frames
         if total is not None and k >= total:
             return False
-        return (k // self.params.chunk_frames) in t.rendered
+        frames = t.rendered.get(k // self.params.chunk_frames)
+        return frames is not None and k % self.params.chunk_frames < len(frames)
 
     # --- state ------------------------------------------------------------
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,16 @@ from agent.scheduler import ChunkScheduler, Lane, Priority
 from media.avatar import Avatar
 from media.cpu_renderer import CpuRenderer
 from media.default_avatar import ensure_default_avatar
-from media.types import AvatarPrep, ChunkKey, FrameSpec, RenderChunk, Renderer
+from media.types import (
+    AvatarPrep,
+    ChunkKey,
+    Frames,
+    FrameSink,
+    FrameSpec,
+    RenderChunk,
+    Renderer,
+    RenderResult,
+)
 from tests.conftest import timeout
 
 pytestmark = pytest.mark.unit
@@ -287,4 +297,120 @@ async def test_the_pile_up_signal_counts_only_the_waits_of_late_chunks(
         assert sum(r.late for r in done) > 12
         assert engine.stats().queue_wait_p95_s > 0.2
     finally:
+        await engine.close()
+
+
+def turn_start(avatar: Avatar, session: str) -> RenderChunk:
+    """A turn's first chunk of 16 frames (the CPU renderer streams turn starts)."""
+    specs = tuple(FrameSpec(s.source, speech=True) for s in avatar.idle_loop[:16])
+    assert len(specs) == 16
+    audio = (0.2 * np.sin(np.arange(16000) / 5.0)).astype(np.float32)
+    return RenderChunk(ChunkKey(session, "t", 0), avatar.id, specs, 0, audio, 25)
+
+
+class StallAfterFirstFrames:
+    """The CPU renderer, stalling after it has handed over its first early frames: a hang
+    where chaos (which faults whole calls) cannot put one."""
+
+    def __init__(self, inner: CpuRenderer) -> None:
+        self.inner = inner
+        self.release = threading.Event()
+        self.finished = threading.Event()
+        self.capabilities = inner.capabilities
+
+    def warmup(self) -> None:
+        self.inner.warmup()
+
+    def close(self) -> None:
+        self.release.set()
+
+    def render(self, batch: Sequence[RenderChunk]) -> list[RenderResult]:
+        return self.inner.render(batch)
+
+    def render_streaming(self, batch: Sequence[RenderChunk],
+                         on_frames: FrameSink) -> list[RenderResult]:
+        calls = 0
+
+        def sink(i: int, frames: Frames) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                self.release.wait(timeout(5))
+            on_frames(i, frames)
+
+        try:
+            return self.inner.render_streaming(batch, sink)
+        finally:
+            self.finished.set()
+
+
+def early_sink(got: list[tuple[int, Frames, bool]], fut: list[asyncio.Future[Rendered]]
+               ) -> Callable[[Frames], None]:
+    def on_frames(frames: Frames) -> None:
+        assert threading.current_thread() is threading.main_thread()  # on the event loop
+        got.append((len(frames), frames.copy(), fut[0].done()))
+    return on_frames
+
+
+async def test_a_turn_start_comes_out_in_checked_early_frames_before_its_future(
+        avatar: Avatar) -> None:
+    engine = make_engine(avatar, cpu(avatar), cpu(avatar))
+    engine.start()
+    try:
+        got: list[tuple[int, Frames, bool]] = []
+        fut: list[asyncio.Future[Rendered]] = []
+        c = turn_start(avatar, "a")
+        fut.append(engine.submit(c, engine.clock() + 1.0, Priority.TURN_START,
+                                 on_frames=early_sink(got, fut)))
+        done = await asyncio.wait_for(fut[0], timeout(5))
+        assert (done.outcome, done.served_by) == ("ok", Route.PRIMARY)
+        assert [n for n, _, _ in got] == [2, 6, 10, 14]
+        assert not any(resolved for _, _, resolved in got)
+        for n, frames, _ in got:
+            np.testing.assert_array_equal(frames, done.frames[:n])
+        # Without a sink, or for a chunk inside a turn, the chunk comes out whole.
+        assert (await render(engine, c)).outcome == "ok"
+        inside = replace(turn_start(avatar, "b"), first_frame=16)
+        got.clear()
+        fut[0] = engine.submit(inside, engine.clock() + 1.0, Priority.IN_TURN,
+                               on_frames=early_sink(got, fut))
+        assert (await asyncio.wait_for(fut[0], timeout(5))).outcome == "ok" and got == []
+    finally:
+        await engine.close()
+
+
+async def test_corrupt_early_frames_are_never_shown(avatar: Avatar) -> None:
+    chaos = ChaosRenderer(cpu(avatar), ChaosSpec(corrupt=1.0, seed=3))
+    engine = make_engine(avatar, chaos, cpu(avatar))
+    engine.start()
+    try:
+        got: list[tuple[int, Frames, bool]] = []
+        fut: list[asyncio.Future[Rendered]] = []
+        fut.append(engine.submit(turn_start(avatar, "a"), engine.clock() + 1.0,
+                                 Priority.TURN_START, on_frames=early_sink(got, fut)))
+        done = await asyncio.wait_for(fut[0], timeout(5))
+        assert done.outcome == "invalid" and got == []
+        assert done.frames.dtype == np.uint8 and done.frames.std() > 10  # the stand-in
+    finally:
+        chaos.close()
+        await engine.close()
+
+
+async def test_after_a_timeout_no_more_early_frames_arrive(avatar: Avatar) -> None:
+    stall = StallAfterFirstFrames(cpu(avatar))
+    engine = make_engine(avatar, stall, cpu(avatar))
+    engine.start()
+    try:
+        got: list[tuple[int, Frames, bool]] = []
+        fut: list[asyncio.Future[Rendered]] = []
+        fut.append(engine.submit(turn_start(avatar, "a"), engine.clock() + 1.0,
+                                 Priority.TURN_START, on_frames=early_sink(got, fut)))
+        done = await asyncio.wait_for(fut[0], timeout(5))
+        assert done.outcome == "timeout" and [n for n, _, _ in got] == [2]
+        stall.release.set()  # the abandoned render goes on and hands over the rest
+        assert await asyncio.to_thread(stall.finished.wait, timeout(5))
+        await asyncio.sleep(0.1)  # its hand-overs reach the loop, and are dropped there
+        assert [n for n, _, _ in got] == [2]
+    finally:
+        stall.close()
         await engine.close()

@@ -16,6 +16,7 @@ on a whole chunk is not chunking-invariant; say so with the flags, e.g.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from media.types import (
     RenderChunk,
     Renderer,
     SourceRef,
+    StreamsFrames,
     samples_per_frame,
 )
 from tests.latentsyncutil import tiny_renderer
@@ -287,3 +289,35 @@ def test_unknown_avatar_is_a_render_error(renderer: Renderer, avatar: Avatar) ->
     with pytest.raises(RenderError) as info:
         renderer.render([chunk])
     assert not info.value.retryable
+
+
+def test_streaming_hands_over_final_frames_early(renderer: Renderer, avatar: Avatar) -> None:
+    """A turn's first chunk comes out in growing prefixes, each the final pixels, before
+    the call returns; chunks inside a turn come out whole; the results are `render`'s."""
+    if not isinstance(renderer, StreamsFrames):
+        pytest.skip("the renderer does not stream")
+    caps = renderer.capabilities
+    cf = caps.chunk_frames
+    specs = _specs(avatar, 2 * cf, speech=True)
+    chunks = _chunks(avatar, specs, loud_vowel(3.0), [cf, cf], caps.audio_lookahead_ms)
+    chunks = chunks[: caps.max_batch]
+    seen: list[tuple[int, npt.NDArray[np.uint8]]] = []
+    returned = threading.Event()
+
+    def on_frames(i: int, frames: npt.NDArray[np.uint8]) -> None:
+        assert not returned.is_set()
+        seen.append((i, frames.copy()))
+
+    streamed = renderer.render_streaming(chunks, on_frames)
+    returned.set()
+    assert [r.key for r in streamed] == [c.key for c in chunks]
+    assert {i for i, _ in seen} == {0}  # only the turn's first chunk (first_frame 0)
+    counts = [len(f) for _, f in seen]
+    assert counts[0] <= 2 and counts == sorted(set(counts)) and counts[-1] < cf
+    for _, frames in seen:
+        np.testing.assert_array_equal(frames, streamed[0].frames[: len(frames)])
+    plain = renderer.render(chunks)
+    for a, b in zip(streamed, plain, strict=True):
+        assert a.frames.shape == b.frames.shape
+        # The same pictures: decoding a frame alone or in a batch may round differently.
+        assert int(np.abs(a.frames.astype(np.int16) - b.frames).max()) <= 1

@@ -110,6 +110,30 @@ def test_unrendered_frames_hold_the_last_picture(avatar: Avatar) -> None:
     assert core.stats().underruns == 1
 
 
+def test_early_frames_start_the_turn_and_the_whole_chunk_completes_them(
+        avatar: Avatar) -> None:
+    core = make_core(avatar, chunk=4)
+    core.on_speak_start("t1", None, None, None)
+    core.on_audio(np.zeros(640 * 8, np.float32))
+    c0, _ = core.poll_chunks()
+    whole = np.arange(4, dtype=np.uint8)[:, None, None, None] + np.zeros((4, 8, 8, 3), np.uint8)
+    assert core.on_rendered(c0.key, whole[:1], partial=True)
+    slot, started, _ = core.next_slot()  # one frame is enough to start the turn
+    assert started is not None and isinstance(slot, MediaSlot) and slot.frame[0, 0, 0] == 0
+    hold = core.next_slot()[0]  # frame 1 is not there yet
+    assert isinstance(hold, HoldSlot) and hold.frame[0, 0, 0] == 0
+    core.on_rendered(c0.key, whole[:3], partial=True)
+    core.on_rendered(c0.key, whole[:2], partial=True)  # never fewer frames than before
+    assert [core.next_slot()[0].frame[0, 0, 0] for _ in range(2)] == [1, 2]  # type: ignore[union-attr]
+    assert isinstance(core.next_slot()[0], HoldSlot)
+    assert core.stats().chunks_rendered == 0  # early frames are not a rendered chunk
+    core.on_rendered(c0.key, whole)
+    core.on_rendered(c0.key, whole[:2], partial=True)  # late early frames change nothing
+    slot = core.next_slot()[0]
+    assert isinstance(slot, MediaSlot) and slot.frame[0, 0, 0] == 3
+    assert core.stats().chunks_rendered == 1 and core.stats().underruns == 2
+
+
 def test_interrupt_reports_turns_and_blends_to_neutral(avatar: Avatar) -> None:
     core = make_core(avatar, chunk=4)
     core.on_speak_start("t1", None, None, None)

@@ -7,6 +7,9 @@ guidance (one UNet call of 2B per step) -> VAE decode -> paste-back, under
 last frame and the padding dropped after the UNet. Blends mix the masked and
 reference latents (and the affines) of both source frames and the paste-back
 background in pixel space. Non-speech frames are conditioned on silence.
+`render_streaming` hands a turn's first chunk over in pieces: its first LEAD_FRAMES are
+decoded and pasted ahead of the rest of the batch, so a turn's first frame leaves the
+renderer right after the UNet, not after the whole batch's decode and paste-back.
 
 Weights come from `config.checkpoint_dir` (never downloaded):
 `latentsync_unet.pt` (v1.5 for 256 px, v1.6 for 512 px; the architecture is the
@@ -75,6 +78,7 @@ from media.latentsync.whisper import load_whisper_encoder
 from media.types import (
     AvatarPrep,
     Frames,
+    FrameSink,
     FrameSpec,
     RenderChunk,
     RendererCapabilities,
@@ -88,6 +92,8 @@ ARCHITECTURES = {256: "stage2.json", 512: "stage2_512.json"}  # LatentSync v1.5,
 RELEASES = {256: "ByteDance/LatentSync-1.5", 512: "ByteDance/LatentSync-1.6"}
 LOOKAHEAD_MS = 120  # covers the audio window's 92.5 ms past a chunk's end at 25 fps
 WARMUP_FPS = 25
+LEAD_FRAMES = 2  # frames of a turn's first chunk decoded, pasted and handed over first
+PASTE_GROUP = 4  # then handed over this many frames at a time
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -370,6 +376,19 @@ class LatentSyncRenderer:
         with self._running(f"rendering {len(batch)} chunks") as core:
             return self._render(core, batch)
 
+    def render_streaming(self, batch: Sequence[RenderChunk],
+                         on_frames: FrameSink) -> list[RenderResult]:
+        """`render`, handing over the first frames of each turn's first chunk early
+        (`media.types.StreamsFrames`): its first LEAD_FRAMES are decoded and pasted alone,
+        before the rest of the batch, then PASTE_GROUP frames at a time."""
+        if not batch:
+            return []
+        if len(batch) > self._caps.max_batch:
+            raise RenderError(f"batch of {len(batch)} chunks exceeds max_batch "
+                              f"{self._caps.max_batch}", retryable=False)
+        with self._running(f"rendering {len(batch)} chunks") as core:
+            return self._render(core, batch, on_frames)
+
     def prepare_avatar(self, avatar: str, max_frames: int | None = None) -> AvatarPrep:
         """Compute the avatar's face inputs ahead of its first chunk (`PreparesAvatars`):
         every clip's track and the latents of at most `max_frames` more source frames
@@ -442,7 +461,8 @@ class LatentSyncRenderer:
             core.faces[avatar.id] = faces
         return faces
 
-    def _render(self, core: _Loaded, batch: Sequence[RenderChunk]) -> list[RenderResult]:
+    def _render(self, core: _Loaded, batch: Sequence[RenderChunk],
+                on_frames: FrameSink | None = None) -> list[RenderResult]:
         t0 = time.perf_counter()
         plans = [self._plan(core, chunk) for chunk in batch]
         audio = audio_conditioning(core.models, [p.audio for p in plans])  # (B*16, S, C)
@@ -457,20 +477,40 @@ class LatentSyncRenderer:
         latents = denoiser.denoise(core.masks.latent, masked, reference, audio)
         t3 = self._sync(core)
         counts = [len(p.chunk.frames) for p in plans]
-        real = torch.cat([latents[b, :, :n].transpose(0, 1) for b, n in enumerate(counts)])
-        pictures = core.denoiser.decode(real)  # (sum n, 3, r, r) in [-1, 1]
-        t4 = self._sync(core)
-        outputs: list[Frames] = []
-        start = 0
-        for plan, face, n in zip(plans, inputs, counts, strict=True):
-            frames = _backgrounds(plan.avatar, plan.chunk.frames)  # (n, H, W, 3)
-            paste_faces(frames, pictures[start : start + n], face.crop_affines[:n],
-                        face.has_face[:n], core.masks.paste_alpha)
-            outputs.append(frames)
-            start += n
-        t5 = time.perf_counter()
+        # Streaming: a turn's first chunk decodes and pastes its first LEAD_FRAMES alone and
+        # hands them over at once; then the rest, handed over PASTE_GROUP frames at a time.
+        leads = [min(LEAD_FRAMES, n) if on_frames is not None and p.chunk.first_frame == 0 else 0
+                 for p, n in zip(plans, counts, strict=True)]
+        outputs = [np.empty((n, p.avatar.height, p.avatar.width, 3), np.uint8)
+                   for p, n in zip(plans, counts, strict=True)]
+        timer = _StageTimer()
+        ranges = [[(0, k)] if k else [] for k in leads]
+        for b, (k, n) in enumerate(zip(leads, counts, strict=True)):
+            step = PASTE_GROUP if k else n
+            ranges[b] += [(a, min(a + step, n)) for a in range(k, n, step)]
+        streaming = [b for b in range(len(plans)) if leads[b]]  # pasted first in each stage
+        others = [b for b in range(len(plans)) if not leads[b]]
+        for stage in ([(b, ranges[b][0]) for b in streaming],
+                      [(b, r) for b in streaming + others for r in ranges[b][bool(leads[b]):]]):
+            if not stage:
+                continue
+            with timer("decode"):  # one decode call (DECODE_BATCH frames a pass) per stage
+                real = torch.cat([latents[b, :, a:e].transpose(0, 1) for b, (a, e) in stage])
+                pictures = core.denoiser.decode(real)  # (frames, 3, r, r) in [-1, 1]
+                self._sync(core)
+            start = 0
+            for b, (a, e) in stage:
+                plan, face = plans[b], inputs[b]
+                with timer("paste"):
+                    frames = outputs[b][a:e]
+                    _fill_backgrounds(plan.avatar, plan.chunk.frames[a:e], frames)
+                    paste_faces(frames, pictures[start : start + e - a], face.crop_affines[a:e],
+                                face.has_face[a:e], core.masks.paste_alpha)
+                start += e - a
+                if on_frames is not None and leads[b] and e < counts[b]:
+                    on_frames(b, outputs[b][:e])
         stages = {"audio_features": t1 - t0, "face": t2 - t1, "inference": t3 - t2,
-                  "decode": t4 - t3, "paste": t5 - t4}
+                  "decode": timer.seconds["decode"], "paste": timer.seconds["paste"]}
         return [RenderResult(key=p.chunk.key, frames=f, stages=dict(stages))
                 for p, f in zip(plans, outputs, strict=True)]
 
@@ -527,9 +567,9 @@ def _pick_device(device: torch.device | str | None) -> torch.device:
     return torch.device("cuda", 0)
 
 
-def _backgrounds(avatar: Avatar, specs: Sequence[FrameSpec]) -> Frames:
-    """(n, H, W, 3) the source pictures, blended in pixel space where a spec blends."""
-    out = np.empty((len(specs), avatar.height, avatar.width, 3), np.uint8)
+def _fill_backgrounds(avatar: Avatar, specs: Sequence[FrameSpec], out: Frames) -> None:
+    """Write the source pictures of `specs` into `out` (n, H, W, 3), blended in pixel space
+    where a spec blends."""
     for i, spec in enumerate(specs):
         first = _picture(avatar, avatar.source.frame(spec.source))
         if spec.blend_to is None or spec.blend_weight == 0.0:
@@ -538,7 +578,21 @@ def _backgrounds(avatar: Avatar, specs: Sequence[FrameSpec]) -> Frames:
         second = _picture(avatar, avatar.source.frame(spec.blend_to))
         w = spec.blend_weight
         cv2.addWeighted(first, 1.0 - w, second, w, 0.0, dst=out[i])
-    return out
+
+
+class _StageTimer:
+    """Seconds spent in named stages, summed over their pieces."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"decode": 0.0, "paste": 0.0}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def _picture(avatar: Avatar, picture: np.ndarray) -> np.ndarray:
