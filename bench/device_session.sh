@@ -11,7 +11,8 @@
 # doctor (bench/aoti_doctor.py; DOCTOR_CASES, DOCTOR_RECIPES); parts, compiled
 # (bench/unet_parts.py; COMPILED_VARIANTS, COMPILED_SECTIONS, PARTS_BATCH); choices,
 # aot, tune, compile (bench/latentsync_bench.py; COMPILE_FLAGS, e.g. --compile-renderer);
-# serve-aot (bench/gpu_serve.py). A pytest step's summary comes last: give it room.
+# first (bench/first_frame.py; FIRST_RUNNERS); serve-aot (bench/gpu_serve.py). A pytest
+# step's summary comes last: give it room.
 set -u
 OUT=${OUT:-out/device}
 mkdir -p "$OUT"
@@ -72,6 +73,10 @@ for arg in "$@"; do
     compile)
         step compile "$limit" $BENCH --sections compile --compile-dynamic ${COMPILE_FLAGS:-} \
             --compile-batches 1,8 --budget-s $((limit - 150)) --out "$OUT/compile.md"
+        ;;
+    first)  # a turn's first chunk through the renderer (FIRST_RUNNERS: graphs,compiled)
+        step first "$limit" python3 -m bench.first_frame --runners "${FIRST_RUNNERS:-graphs,compiled}" \
+            --out "$OUT"
         ;;
     serve-aot)
         step serve-aot "$limit" python3 -m bench.gpu_serve --aot /tmp/aoti-serve \

@@ -56,7 +56,7 @@ from media.latentsync.pipeline import LatentSyncModels
 from media.latentsync.renderer import CONFIG_DIR, LatentSyncRenderer, architecture_config
 from media.latentsync.vae import LatentCodec
 from media.latentsync.whisper import WhisperEncoder
-from media.types import RenderChunk, RenderResult
+from media.types import FrameSink, RenderChunk, RenderResult
 
 GIB = 1024**3
 TTFF_SLO_S = 2.0
@@ -141,7 +141,15 @@ class TimedRenderer(LatentSyncRenderer):
 
     def render(self, batch: Sequence[RenderChunk]) -> list[RenderResult]:
         start = time.perf_counter()
-        out = super().render(batch)
+        return self._record(batch, start, super().render(batch))
+
+    def render_streaming(self, batch: Sequence[RenderChunk],
+                         on_frames: FrameSink) -> list[RenderResult]:
+        start = time.perf_counter()
+        return self._record(batch, start, super().render_streaming(batch, on_frames))
+
+    def _record(self, batch: Sequence[RenderChunk], start: float, out: list[RenderResult]
+                ) -> list[RenderResult]:
         self.calls.append(RenderCall(start, time.perf_counter() - start, len(batch),
                                      sum(len(c.frames) for c in batch),
                                      dict(out[0].stages) if out else {}))

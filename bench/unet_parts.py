@@ -105,6 +105,13 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "cl+math+all": ({"channels_last": True, "temporal_attention": "math",
                      "pointwise_linear": True, "packed_qkv": True, "padded_convs": True},
                     False),
+    # session 10: the server's kernels with Inductor options (INDUCTOR_OPTIONS)
+    "cl+triton+qkv+cdt": ({"channels_last": True, "temporal_attention": "triton",
+                           "packed_qkv": True}, False),
+    "cl+triton+qkv+combo": ({"channels_last": True, "temporal_attention": "triton",
+                             "packed_qkv": True}, False),
+    "cl+triton+qkv+bfuse": ({"channels_last": True, "temporal_attention": "triton",
+                             "packed_qkv": True}, False),
 }
 # Compiled variants whose name ends so also get these Inductor options.
 INDUCTOR_OPTIONS: dict[str, dict[str, Any]] = {
@@ -117,6 +124,12 @@ INDUCTOR_OPTIONS: dict[str, dict[str, Any]] = {
     # The same, with Triton's convolution templates in the contest too.
     "autoconv": {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
                  "max_autotune_conv_backends": "ATEN,TRITON"},
+    # The generated (glue) kernels' launch sizes tuned by measurement.
+    "cdt": {"coordinate_descent_tuning": True},
+    # Independent small kernels launched as one (fewer launches between library calls).
+    "combo": {"combo_kernels": True},
+    # Fusion decisions measured instead of guessed.
+    "bfuse": {"benchmark_fusion": True},
 }
 
 

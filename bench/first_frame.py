@@ -1,0 +1,170 @@
+"""A turn's first chunk through the LatentSync renderer: audio available -> first frame out.
+
+Builds the server's renderer (`LatentSyncRenderer`, the path `serve --renderer latentsync`
+takes) over RANDOM full-size weights (bench.gpu_serve.build_models: the stage2.json UNet
+at 256 px, Whisper tiny, SD's VAE) with the exact settings (20-step DDIM, CFG 1.5), the
+default avatar prepared (its latents cached, as the server does at start-up), and warms
+it up (compiles, captures). Then, per runner, it renders a turn's first chunk (16 speech
+frames, B = 1, the GPU otherwise idle) `--reps` times each way:
+- `render`: the chunk comes out whole (the baseline, and what renderers did before
+  streaming);
+- `render_streaming`: its first frames are handed over as soon as they are decoded and
+  pasted (`media.types.StreamsFrames`), the rest a few at a time.
+
+The clock starts when the render call starts: the chunk's audio (16 frames plus the
+look-ahead) is there, its features are computed inside the call. "first frame" is the
+first hand-over (the whole chunk for `render`). "cadence slack" is the least, over the
+chunk's frames, of (when frame k is due at 25 fps after the first) - (when it was handed
+over): negative means playout would repeat a picture.
+
+    python -m bench.first_frame --out out/first_frame            # CUDA machine
+    python -m bench.first_frame --tiny --out out/first_frame_dry # CPU dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agent.config import DefaultAvatarConfig, LatentSyncConfig
+from bench.gpu_serve import build_models
+from bench.machine import describe
+from media.avatar import Avatar
+from media.default_avatar import ensure_default_avatar
+from media.latentsync.renderer import LOOKAHEAD_MS, LatentSyncRenderer
+from media.types import (
+    RENDER_SAMPLE_RATE,
+    ChunkKey,
+    Frames,
+    FrameSpec,
+    RenderChunk,
+    SourceRef,
+    samples_per_frame,
+)
+
+FPS = 25
+FRAMES = 16
+RUNNERS: dict[str, dict[str, Any]] = {
+    "graphs": {"cuda_graphs": True},
+    "compiled": {"cuda_graphs": True, "compile": True},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def turn_start(avatar: Avatar, turn: int) -> RenderChunk:
+    """A turn's first 16 frames, all speech, with speech-like audio and the look-ahead."""
+    clip = len(avatar.clips) - 1
+    length = avatar.clips[clip].num_frames
+    specs = tuple(FrameSpec(SourceRef(clip, (turn * FRAMES + f) % length), speech=True)
+                  for f in range(FRAMES))
+    n = FRAMES * samples_per_frame(FPS) + LOOKAHEAD_MS * RENDER_SAMPLE_RATE // 1000
+    rng = np.random.default_rng(turn)
+    t = np.arange(n) / RENDER_SAMPLE_RATE
+    voice = np.sin(2 * np.pi * 140 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    audio = (0.2 * voice + 0.02 * rng.standard_normal(n)).astype(np.float32)
+    return RenderChunk(ChunkKey("bench", f"t{turn}", 0), avatar.id, specs, 0, audio, FPS)
+
+
+def measure(renderer: LatentSyncRenderer, avatar: Avatar, reps: int
+            ) -> dict[str, list[float]]:
+    """Per rep: whole-chunk time, streaming first frame, streaming chunk time, slack (ms)."""
+    out: dict[str, list[float]] = {"whole": [], "first": [], "done": [], "slack": [],
+                                   "unet": [], "features": []}
+    for rep in range(reps):
+        chunk = turn_start(avatar, rep)
+        t0 = time.perf_counter()
+        renderer.render([chunk])
+        out["whole"].append(1000 * (time.perf_counter() - t0))
+        handed: list[tuple[float, int]] = []
+        t0 = time.perf_counter()
+        (result,) = renderer.render_streaming([chunk], functools.partial(_note, handed))
+        end = time.perf_counter()
+        handed.append((end, len(result.frames)))
+        first = handed[0][0]
+        ready = np.empty(len(result.frames))
+        done = 0
+        for at, count in handed:
+            ready[done:count] = at
+            done = count
+        due = first + np.arange(len(ready)) / FPS
+        out["first"].append(1000 * (first - t0))
+        out["done"].append(1000 * (end - t0))
+        out["slack"].append(1000 * float((due - ready)[1:].min()))
+        out["unet"].append(1000 * result.stages["inference"])
+        out["features"].append(1000 * result.stages["audio_features"])
+    return out
+
+
+def _note(handed: list[tuple[float, int]], i: int, frames: Frames) -> None:
+    handed.append((time.perf_counter(), len(frames)))
+
+
+def fmt(values: list[float]) -> str:
+    return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="tiny random models on the CPU")
+    p.add_argument("--out", type=Path, default=Path("out/first_frame"))
+    p.add_argument("--runners", default="compiled", help=f"comma-separated: {','.join(RUNNERS)}")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--avatar-size", type=int, default=512)
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.tiny else "cuda:0")
+    dtype = torch.float32 if args.tiny else torch.float16
+    models = build_models(args.tiny, device, dtype)
+    resolution = 64 if args.tiny else 256
+    card = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (tiny dry run)"
+    folder = Path(tempfile.mkdtemp(prefix="first_frame_"))
+    avatar = ensure_default_avatar(folder, DefaultAvatarConfig(
+        size=args.avatar_size, clip_seconds=(8.0,)), FPS)
+    rows = []
+    for name in args.runners.split(","):
+        settings = {} if args.tiny else RUNNERS[name]
+        config = LatentSyncConfig(max_batch=1, compile_cache_dir=folder / "inductor",
+                                  **settings)
+        renderer = LatentSyncRenderer.from_models(lambda _: avatar, models, config,
+                                                  resolution=resolution)
+        t0 = time.perf_counter()
+        renderer.prepare_avatar(avatar.id)
+        prepared = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        renderer.warmup()
+        warm = time.perf_counter() - t0
+        log(f"{name}: avatar prepared in {prepared:.1f} s, warm-up (compile, capture)"
+            f" {warm:.1f} s")
+        m = measure(renderer, avatar, args.reps)
+        renderer.close()
+        rows.append([name, fmt(m["whole"]), fmt(m["first"]), fmt(m["done"]),
+                     fmt(m["slack"]), fmt(m["unet"]), fmt(m["features"]), f"{warm:.0f}"])
+        log(" | ".join(rows[-1]))
+    header = ["runner", "whole chunk ms (render)", "first frame ms (streaming)",
+              "chunk done ms (streaming)", "cadence slack ms", "UNet ms", "audio features ms",
+              "warm-up s"]
+    text = (f"# A turn's first chunk, audio available -> first frame out: {card}\n\n"
+            f"Machine: {describe()}; torch {torch.__version__}; {str(dtype)[6:]}; random"
+            f" weights; {resolution} px crops of a {args.avatar_size} px avatar; exact settings"
+            f" (20-step DDIM, CFG 1.5); B = 1; {args.reps} reps each, median (min-max).\n\n"
+            "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+            + "".join("| " + " | ".join(r) + " |\n" for r in rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "first_frame.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
