@@ -213,7 +213,9 @@ class GraphPredictor:
             raise ValueError(f"GraphPredictor takes one timestep per call, got {timestep.shape}")
         g.sample.copy_(latent_model_input)
         g.audio.copy_(audio)
-        g.timestep.copy_(timestep.reshape(1))
+        # A fill, not a copy from the host: copying a CPU tensor waits for the stream to
+        # drain, so every step would leave the GPU idle while the next replay is launched.
+        g.timestep.fill_(int(timestep.item()))
         if self._clock.tick() or g.shallow is None:
             g.full.replay()
             return g.full_out.clone()
