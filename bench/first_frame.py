@@ -15,7 +15,11 @@ The clock starts when the render call starts: the chunk's audio (16 frames plus 
 look-ahead) is there, its features are computed inside the call. "first frame" is the
 first hand-over (the whole chunk for `render`). "cadence slack" is the least, over the
 chunk's frames, of (when frame k is due at 25 fps after the first) - (when it was handed
-over): negative means playout would repeat a picture.
+over): negative means playout would repeat a picture. The streaming call's stages split
+the first frame's time: audio features, face inputs (cached latents), UNet, then the
+first frames' decode and paste-back ("UNet end -> first frame").
+Runner "compiled-sync" is "compiled" with the stream drained before every step, as the
+timestep's host copy did before session 10: the same-run baseline of that change.
 
     python -m bench.first_frame --out out/first_frame            # CUDA machine
     python -m bench.first_frame --tiny --out out/first_frame_dry # CPU dry run
@@ -41,7 +45,13 @@ from bench.gpu_serve import build_models
 from bench.machine import describe
 from media.avatar import Avatar
 from media.default_avatar import ensure_default_avatar
-from media.latentsync.renderer import LOOKAHEAD_MS, LatentSyncRenderer
+from media.latentsync.accel import CompiledPredictor
+from media.latentsync.renderer import (
+    LOOKAHEAD_MS,
+    LatentSyncRenderer,
+    compiled_kernels,
+    use_compile_cache,
+)
 from media.types import (
     RENDER_SAMPLE_RATE,
     ChunkKey,
@@ -57,7 +67,20 @@ FRAMES = 16
 RUNNERS: dict[str, dict[str, Any]] = {
     "graphs": {"cuda_graphs": True},
     "compiled": {"cuda_graphs": True, "compile": True},
+    # the compiled runner as it was before session 10: each step's timestep copied from
+    # the host, which waited for the GPU to drain before the next replay was launched
+    "compiled-sync": {"cuda_graphs": True, "compile": True},
 }
+
+
+class SyncEveryStep(CompiledPredictor):
+    """The renderer's compiled predictor with the stream drained before each step, as the
+    host copy of the timestep did (the baseline of the "compiled-sync" runner)."""
+
+    def __call__(self, sample: torch.Tensor, t: torch.Tensor | int,
+                 audio: torch.Tensor) -> torch.Tensor:
+        torch.cuda.current_stream().synchronize()
+        return super().__call__(sample, t, audio)
 
 
 def log(msg: str) -> None:
@@ -82,7 +105,7 @@ def measure(renderer: LatentSyncRenderer, avatar: Avatar, reps: int
             ) -> dict[str, list[float]]:
     """Per rep: whole-chunk time, streaming first frame, streaming chunk time, slack (ms)."""
     out: dict[str, list[float]] = {"whole": [], "first": [], "done": [], "slack": [],
-                                   "unet": [], "features": []}
+                                   "unet": [], "features": [], "face": [], "after": []}
     for rep in range(reps):
         chunk = turn_start(avatar, rep)
         t0 = time.perf_counter()
@@ -103,8 +126,12 @@ def measure(renderer: LatentSyncRenderer, avatar: Avatar, reps: int
         out["first"].append(1000 * (first - t0))
         out["done"].append(1000 * (end - t0))
         out["slack"].append(1000 * float((due - ready)[1:].min()))
-        out["unet"].append(1000 * result.stages["inference"])
-        out["features"].append(1000 * result.stages["audio_features"])
+        stages = result.stages
+        out["unet"].append(1000 * stages["inference"])
+        out["features"].append(1000 * stages["audio_features"])
+        out["face"].append(1000 * stages["face"])
+        before = stages["audio_features"] + stages["face"] + stages["inference"]
+        out["after"].append(1000 * (first - t0 - before))
     return out
 
 
@@ -137,8 +164,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = {} if args.tiny else RUNNERS[name]
         config = LatentSyncConfig(max_batch=1, compile_cache_dir=folder / "inductor",
                                   **settings)
+        predictor = None
+        if name == "compiled-sync" and not args.tiny:
+            use_compile_cache(config.compile_cache_dir)
+            predictor = SyncEveryStep(models.unet, 1, kernels=compiled_kernels(config, models),
+                                      guided=True)
         renderer = LatentSyncRenderer.from_models(lambda _: avatar, models, config,
-                                                  resolution=resolution)
+                                                  resolution=resolution,
+                                                  noise_predictor=predictor)
         t0 = time.perf_counter()
         renderer.prepare_avatar(avatar.id)
         prepared = time.perf_counter() - t0
@@ -150,11 +183,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         m = measure(renderer, avatar, args.reps)
         renderer.close()
         rows.append([name, fmt(m["whole"]), fmt(m["first"]), fmt(m["done"]),
-                     fmt(m["slack"]), fmt(m["unet"]), fmt(m["features"]), f"{warm:.0f}"])
+                     fmt(m["slack"]), fmt(m["features"]), fmt(m["face"]), fmt(m["unet"]),
+                     fmt(m["after"]), f"{warm:.0f}"])
         log(" | ".join(rows[-1]))
     header = ["runner", "whole chunk ms (render)", "first frame ms (streaming)",
-              "chunk done ms (streaming)", "cadence slack ms", "UNet ms", "audio features ms",
-              "warm-up s"]
+              "chunk done ms (streaming)", "cadence slack ms", "audio features ms", "face ms",
+              "UNet ms", "UNet end -> first frame ms", "warm-up s"]
     text = (f"# A turn's first chunk, audio available -> first frame out: {card}\n\n"
             f"Machine: {describe()}; torch {torch.__version__}; {str(dtype)[6:]}; random"
             f" weights; {resolution} px crops of a {args.avatar_size} px avatar; exact settings"
