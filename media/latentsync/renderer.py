@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+import structlog
 import torch
 
 from agent.config import LatentSyncConfig
@@ -73,7 +74,14 @@ from media.latentsync.pipeline import (
     audio_conditioning,
     chunk_audio,
 )
-from media.latentsync.vae import SD_VAE_SHAPE, LatentCodec, VaeShape, find_vae, load_vae
+from media.latentsync.vae import (
+    SD_VAE_SHAPE,
+    GraphedDecode,
+    LatentCodec,
+    VaeShape,
+    find_vae,
+    load_vae,
+)
 from media.latentsync.whisper import load_whisper_encoder
 from media.types import (
     AvatarPrep,
@@ -94,6 +102,7 @@ LOOKAHEAD_MS = 120  # covers the audio window's 92.5 ms past a chunk's end at 25
 WARMUP_FPS = 25
 LEAD_FRAMES = 2  # frames of a turn's first chunk decoded, pasted and handed over first
 PASTE_GROUP = 4  # then handed over this many frames at a time
+log = structlog.get_logger(__name__)
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -254,6 +263,7 @@ class _Loaded:
         self.turn_start = turn_start
         self.masks = masks
         self.faces: dict[str, AvatarFaces] = {}
+        self.lead_decode: GraphedDecode | None = None  # captured by warmup (CUDA graphs)
 
     def denoisers(self) -> list[ChunkDenoiser]:
         return [self.denoiser] + ([self.turn_start] if self.turn_start is not None else [])
@@ -311,6 +321,7 @@ class LatentSyncRenderer:
         masks = crop_masks(self.resolution, models.codec.downsample, models.device)
         self._loaded: _Loaded | None = _Loaded(models, denoiser, masks, turn_start)
         self._seed = config.seed
+        self._graphs = config.cuda_graphs
         self._lock = threading.Lock()
         self._caps = RendererCapabilities(
             name="latentsync",
@@ -363,6 +374,9 @@ class LatentSyncRenderer:
                     self._capture_graphs(denoiser, latents.shape, audio.shape)
                     out = denoiser.denoise(core.masks.latent, latents, latents, audio)
                 pictures = core.denoiser.decode(out[0].permute(1, 0, 2, 3))  # (F, 3, r, r)
+                if self._graphs and models.device.type == "cuda":
+                    core.lead_decode = _capture_lead_decode(
+                        models.codec, (latent.shape[1], *latent.shape[3:]))
                 frame = np.full((1, 2 * r, 2 * r, 3), 127, np.uint8)
                 centred = np.array([[[1.0, 0.0, -r / 2], [0.0, 1.0, -r / 2]]])
                 paste_faces(frame, pictures[:1], centred, np.ones(1, bool), core.masks.paste_alpha)
@@ -496,7 +510,10 @@ class LatentSyncRenderer:
                 continue
             with timer("decode"):  # one decode call (DECODE_BATCH frames a pass) per stage
                 real = torch.cat([latents[b, :, a:e].transpose(0, 1) for b, (a, e) in stage])
-                pictures = core.denoiser.decode(real)  # (frames, 3, r, r) in [-1, 1]
+                if core.lead_decode is not None and tuple(real.shape) == core.lead_decode.shape:
+                    pictures = core.lead_decode(real)  # a turn's first frames: one replay
+                else:
+                    pictures = core.denoiser.decode(real)  # (frames, 3, r, r) in [-1, 1]
                 self._sync(core)
             start = 0
             for b, (a, e) in stage:
@@ -565,6 +582,16 @@ def _pick_device(device: torch.device | str | None) -> torch.device:
         raise ConfigError("the LatentSync renderer needs a CUDA device and none is available;"
                           " use --renderer cpu (or pass device='cpu' to run slowly anyway)")
     return torch.device("cuda", 0)
+
+
+def _capture_lead_decode(codec: LatentCodec, latent: Sequence[int]) -> GraphedDecode | None:
+    """The decode of a turn's first LEAD_FRAMES as a CUDA graph; None (eager decode, a
+    warning) if capture fails."""
+    try:
+        return GraphedDecode(codec, (LEAD_FRAMES, *latent))
+    except RuntimeError as exc:
+        log.warning("lead_decode_graph_failed", error=str(exc)[:300])
+        return None
 
 
 def _fill_backgrounds(avatar: Avatar, specs: Sequence[FrameSpec], out: Frames) -> None:
