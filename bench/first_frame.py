@@ -18,8 +18,9 @@ chunk's frames, of (when frame k is due at 25 fps after the first) - (when it wa
 over): negative means playout would repeat a picture. The streaming call's stages split
 the first frame's time: audio features, face inputs (cached latents), UNet, then the
 first frames' decode and paste-back ("UNet end -> first frame").
-Runner "compiled-sync" is "compiled" with the stream drained before every step, as the
-timestep's host copy did before session 10: the same-run baseline of that change.
+Each runner is measured twice: as the warm-up left the process, then after
+`gc.freeze()` (the objects alive then are never scanned again); "GC pauses" is the time
+the garbage collector held the process during the streaming call.
 
     python -m bench.first_frame --out out/first_frame            # CUDA machine
     python -m bench.first_frame --tiny --out out/first_frame_dry # CPU dry run
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import statistics
 import sys
 import tempfile
@@ -45,13 +47,7 @@ from bench.gpu_serve import build_models
 from bench.machine import describe
 from media.avatar import Avatar
 from media.default_avatar import ensure_default_avatar
-from media.latentsync.accel import CompiledPredictor
-from media.latentsync.renderer import (
-    LOOKAHEAD_MS,
-    LatentSyncRenderer,
-    compiled_kernels,
-    use_compile_cache,
-)
+from media.latentsync.renderer import LOOKAHEAD_MS, LatentSyncRenderer
 from media.types import (
     RENDER_SAMPLE_RATE,
     ChunkKey,
@@ -67,20 +63,25 @@ FRAMES = 16
 RUNNERS: dict[str, dict[str, Any]] = {
     "graphs": {"cuda_graphs": True},
     "compiled": {"cuda_graphs": True, "compile": True},
-    # the compiled runner as it was before session 10: each step's timestep copied from
-    # the host, which waited for the GPU to drain before the next replay was launched
-    "compiled-sync": {"cuda_graphs": True, "compile": True},
 }
 
 
-class SyncEveryStep(CompiledPredictor):
-    """The renderer's compiled predictor with the stream drained before each step, as the
-    host copy of the timestep did (the baseline of the "compiled-sync" runner)."""
+class GcPauses:
+    """Seconds the garbage collector held the process, summed since `reset`."""
 
-    def __call__(self, sample: torch.Tensor, t: torch.Tensor | int,
-                 audio: torch.Tensor) -> torch.Tensor:
-        torch.cuda.current_stream().synchronize()
-        return super().__call__(sample, t, audio)
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._note)
+
+    def reset(self) -> None:
+        self.total = 0.0
+
+    def _note(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._start
 
 
 def log(msg: str) -> None:
@@ -101,17 +102,19 @@ def turn_start(avatar: Avatar, turn: int) -> RenderChunk:
     return RenderChunk(ChunkKey("bench", f"t{turn}", 0), avatar.id, specs, 0, audio, FPS)
 
 
-def measure(renderer: LatentSyncRenderer, avatar: Avatar, reps: int
+def measure(renderer: LatentSyncRenderer, avatar: Avatar, reps: int, pauses: GcPauses
             ) -> dict[str, list[float]]:
     """Per rep: whole-chunk time, streaming first frame, streaming chunk time, slack (ms)."""
     out: dict[str, list[float]] = {"whole": [], "first": [], "done": [], "slack": [],
-                                   "unet": [], "features": [], "face": [], "after": []}
+                                   "unet": [], "features": [], "face": [], "after": [],
+                                   "gc": []}
     for rep in range(reps):
         chunk = turn_start(avatar, rep)
         t0 = time.perf_counter()
         renderer.render([chunk])
         out["whole"].append(1000 * (time.perf_counter() - t0))
         handed: list[tuple[float, int]] = []
+        pauses.reset()
         t0 = time.perf_counter()
         (result,) = renderer.render_streaming([chunk], functools.partial(_note, handed))
         end = time.perf_counter()
@@ -132,6 +135,7 @@ def measure(renderer: LatentSyncRenderer, avatar: Avatar, reps: int
         out["face"].append(1000 * stages["face"])
         before = stages["audio_features"] + stages["face"] + stages["inference"]
         out["after"].append(1000 * (first - t0 - before))
+        out["gc"].append(1000 * pauses.total)
     return out
 
 
@@ -160,18 +164,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     avatar = ensure_default_avatar(folder, DefaultAvatarConfig(
         size=args.avatar_size, clip_seconds=(8.0,)), FPS)
     rows = []
+    pauses = GcPauses()
     for name in args.runners.split(","):
         settings = {} if args.tiny else RUNNERS[name]
         config = LatentSyncConfig(max_batch=1, compile_cache_dir=folder / "inductor",
                                   **settings)
-        predictor = None
-        if name == "compiled-sync" and not args.tiny:
-            use_compile_cache(config.compile_cache_dir)
-            predictor = SyncEveryStep(models.unet, 1, kernels=compiled_kernels(config, models),
-                                      guided=True)
         renderer = LatentSyncRenderer.from_models(lambda _: avatar, models, config,
-                                                  resolution=resolution,
-                                                  noise_predictor=predictor)
+                                                  resolution=resolution)
         t0 = time.perf_counter()
         renderer.prepare_avatar(avatar.id)
         prepared = time.perf_counter() - t0
@@ -180,15 +179,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         warm = time.perf_counter() - t0
         log(f"{name}: avatar prepared in {prepared:.1f} s, warm-up (compile, capture)"
             f" {warm:.1f} s")
-        m = measure(renderer, avatar, args.reps)
+        for frozen in (False, True):
+            if frozen:  # what the warm-up allocated is never scanned again (gc.freeze)
+                gc.collect()
+                gc.freeze()
+            m = measure(renderer, avatar, args.reps, pauses)
+            rows.append([name + (", gc frozen" if frozen else ""), fmt(m["whole"]),
+                         fmt(m["first"]), fmt(m["done"]), fmt(m["slack"]), fmt(m["features"]),
+                         fmt(m["face"]), fmt(m["unet"]), fmt(m["after"]), fmt(m["gc"]),
+                         f"{warm:.0f}"])
+            log(" | ".join(rows[-1]))
+        gc.unfreeze()
         renderer.close()
-        rows.append([name, fmt(m["whole"]), fmt(m["first"]), fmt(m["done"]),
-                     fmt(m["slack"]), fmt(m["features"]), fmt(m["face"]), fmt(m["unet"]),
-                     fmt(m["after"]), f"{warm:.0f}"])
-        log(" | ".join(rows[-1]))
     header = ["runner", "whole chunk ms (render)", "first frame ms (streaming)",
               "chunk done ms (streaming)", "cadence slack ms", "audio features ms", "face ms",
-              "UNet ms", "UNet end -> first frame ms", "warm-up s"]
+              "UNet ms", "UNet end -> first frame ms", "GC pauses ms", "warm-up s"]
     text = (f"# A turn's first chunk, audio available -> first frame out: {card}\n\n"
             f"Machine: {describe()}; torch {torch.__version__}; {str(dtype)[6:]}; random"
             f" weights; {resolution} px crops of a {args.avatar_size} px avatar; exact settings"

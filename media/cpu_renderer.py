@@ -33,8 +33,9 @@ from media.types import (
 )
 
 MAX_BATCH = 4  # chunks are independent; a batch only saves call overhead
-LEAD_FRAMES = 2  # streaming: a turn's first chunk hands over its first frames this early
-PASTE_GROUP = 4  # and then this many frames at a time
+# Streaming: a turn's first chunk is handed over after its first frame, then every
+# PASTE_GROUP frames (as the LatentSync renderer does).
+PASTE_GROUP = 4
 
 
 class CpuRenderer:
@@ -72,7 +73,7 @@ class CpuRenderer:
     def render_streaming(self, batch: Sequence[RenderChunk],
                          on_frames: FrameSink) -> list[RenderResult]:
         """`render`, handing a turn's first chunk over early (`StreamsFrames`): its first
-        LEAD_FRAMES as soon as they are drawn, then every PASTE_GROUP frames."""
+        frame as soon as it is drawn, then every PASTE_GROUP frames."""
         return [self._render_chunk(chunk, functools.partial(on_frames, i)
                                    if chunk.first_frame == 0 else None)
                 for i, chunk in enumerate(batch)]
@@ -98,9 +99,7 @@ class CpuRenderer:
             source += t_mouth - t
             mouth += time.perf_counter() - t_mouth
             done = i + 1
-            if on_frames is not None and done < n and (
-                    done == LEAD_FRAMES or (done > LEAD_FRAMES
-                                            and (done - LEAD_FRAMES) % PASTE_GROUP == 0)):
+            if on_frames is not None and done < n and (done == 1 or done % PASTE_GROUP == 0):
                 on_frames(frames[:done])
         stages = {"audio_features": t1 - t0, "source": source, "mouth": mouth}
         return RenderResult(key=chunk.key, frames=frames, stages=stages)

@@ -7,8 +7,8 @@ guidance (one UNet call of 2B per step) -> VAE decode -> paste-back, under
 last frame and the padding dropped after the UNet. Blends mix the masked and
 reference latents (and the affines) of both source frames and the paste-back
 background in pixel space. Non-speech frames are conditioned on silence.
-`render_streaming` hands a turn's first chunk over in pieces: its first LEAD_FRAMES are
-decoded and pasted ahead of the rest of the batch, so a turn's first frame leaves the
+`render_streaming` hands a turn's first chunk over in pieces: its first frame is decoded
+and pasted alone, ahead of the rest of the batch, so a turn's first frame leaves the
 renderer right after the UNet, not after the whole batch's decode and paste-back.
 
 Weights come from `config.checkpoint_dir` (never downloaded):
@@ -44,7 +44,6 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
-import structlog
 import torch
 
 from agent.config import LatentSyncConfig
@@ -74,14 +73,7 @@ from media.latentsync.pipeline import (
     audio_conditioning,
     chunk_audio,
 )
-from media.latentsync.vae import (
-    SD_VAE_SHAPE,
-    GraphedDecode,
-    LatentCodec,
-    VaeShape,
-    find_vae,
-    load_vae,
-)
+from media.latentsync.vae import SD_VAE_SHAPE, LatentCodec, VaeShape, find_vae, load_vae
 from media.latentsync.whisper import load_whisper_encoder
 from media.types import (
     AvatarPrep,
@@ -100,9 +92,11 @@ ARCHITECTURES = {256: "stage2.json", 512: "stage2_512.json"}  # LatentSync v1.5,
 RELEASES = {256: "ByteDance/LatentSync-1.5", 512: "ByteDance/LatentSync-1.6"}
 LOOKAHEAD_MS = 120  # covers the audio window's 92.5 ms past a chunk's end at 25 fps
 WARMUP_FPS = 25
-LEAD_FRAMES = 2  # frames of a turn's first chunk decoded, pasted and handed over first
-PASTE_GROUP = 4  # then handed over this many frames at a time
-log = structlog.get_logger(__name__)
+# Streaming: a turn's first chunk is decoded in stages that end at these frames (frame 0
+# alone: one frame's decode is ~3.5 ms on an H100; then 1-3, due 40 ms later), then the
+# rest in one decode, pasted and handed over PASTE_GROUP frames at a time.
+LEAD_STAGES = (1, 4)
+PASTE_GROUP = 4
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -263,7 +257,6 @@ class _Loaded:
         self.turn_start = turn_start
         self.masks = masks
         self.faces: dict[str, AvatarFaces] = {}
-        self.lead_decode: GraphedDecode | None = None  # captured by warmup (CUDA graphs)
 
     def denoisers(self) -> list[ChunkDenoiser]:
         return [self.denoiser] + ([self.turn_start] if self.turn_start is not None else [])
@@ -321,7 +314,6 @@ class LatentSyncRenderer:
         masks = crop_masks(self.resolution, models.codec.downsample, models.device)
         self._loaded: _Loaded | None = _Loaded(models, denoiser, masks, turn_start)
         self._seed = config.seed
-        self._graphs = config.cuda_graphs
         self._lock = threading.Lock()
         self._caps = RendererCapabilities(
             name="latentsync",
@@ -374,9 +366,6 @@ class LatentSyncRenderer:
                     self._capture_graphs(denoiser, latents.shape, audio.shape)
                     out = denoiser.denoise(core.masks.latent, latents, latents, audio)
                 pictures = core.denoiser.decode(out[0].permute(1, 0, 2, 3))  # (F, 3, r, r)
-                if self._graphs and models.device.type == "cuda":
-                    core.lead_decode = _capture_lead_decode(
-                        models.codec, (latent.shape[1], *latent.shape[3:]))
                 frame = np.full((1, 2 * r, 2 * r, 3), 127, np.uint8)
                 centred = np.array([[[1.0, 0.0, -r / 2], [0.0, 1.0, -r / 2]]])
                 paste_faces(frame, pictures[:1], centred, np.ones(1, bool), core.masks.paste_alpha)
@@ -393,8 +382,9 @@ class LatentSyncRenderer:
     def render_streaming(self, batch: Sequence[RenderChunk],
                          on_frames: FrameSink) -> list[RenderResult]:
         """`render`, handing over the first frames of each turn's first chunk early
-        (`media.types.StreamsFrames`): its first LEAD_FRAMES are decoded and pasted alone,
-        before the rest of the batch, then PASTE_GROUP frames at a time."""
+        (`media.types.StreamsFrames`): its frame 0, then frames 1-3, are decoded and
+        pasted alone, before the rest of the batch; the rest PASTE_GROUP frames at a time
+        (`LEAD_STAGES`)."""
         if not batch:
             return []
         if len(batch) > self._caps.max_batch:
@@ -491,29 +481,32 @@ class LatentSyncRenderer:
         latents = denoiser.denoise(core.masks.latent, masked, reference, audio)
         t3 = self._sync(core)
         counts = [len(p.chunk.frames) for p in plans]
-        # Streaming: a turn's first chunk decodes and pastes its first LEAD_FRAMES alone and
-        # hands them over at once; then the rest, handed over PASTE_GROUP frames at a time.
-        leads = [min(LEAD_FRAMES, n) if on_frames is not None and p.chunk.first_frame == 0 else 0
-                 for p, n in zip(plans, counts, strict=True)]
+        # Decode stages: per chunk, its (start, end) frame ranges, each pasted (and for a
+        # streaming chunk handed over) as a piece. A streaming chunk (a turn's first) has a
+        # stage per LEAD_STAGES bound and its rest in the last stage, pasted in groups;
+        # every other chunk is one piece of the last stage.
+        streams = [on_frames is not None and p.chunk.first_frame == 0 for p in plans]
         outputs = [np.empty((n, p.avatar.height, p.avatar.width, 3), np.uint8)
                    for p, n in zip(plans, counts, strict=True)]
         timer = _StageTimer()
-        ranges = [[(0, k)] if k else [] for k in leads]
-        for b, (k, n) in enumerate(zip(leads, counts, strict=True)):
-            step = PASTE_GROUP if k else n
-            ranges[b] += [(a, min(a + step, n)) for a in range(k, n, step)]
-        streaming = [b for b in range(len(plans)) if leads[b]]  # pasted first in each stage
-        others = [b for b in range(len(plans)) if not leads[b]]
-        for stage in ([(b, ranges[b][0]) for b in streaming],
-                      [(b, r) for b in streaming + others for r in ranges[b][bool(leads[b]):]]):
+        pieces: list[list[tuple[int, tuple[int, int]]]] = [[] for _ in range(len(LEAD_STAGES) + 1)]
+        for b, n in sorted(enumerate(counts), key=lambda bn: not streams[bn[0]]):
+            if not streams[b]:
+                pieces[-1].append((b, (0, n)))
+                continue
+            edges = [0, *(e for e in LEAD_STAGES if e < n)]
+            for i, (a, e) in enumerate(zip(edges, [*edges[1:], n], strict=True)):
+                if i < len(edges) - 1:
+                    pieces[i].append((b, (a, e)))
+                else:
+                    pieces[-1] += [(b, (x, min(x + PASTE_GROUP, n)))
+                                   for x in range(a, n, PASTE_GROUP)]
+        for stage in pieces:
             if not stage:
                 continue
             with timer("decode"):  # one decode call (DECODE_BATCH frames a pass) per stage
                 real = torch.cat([latents[b, :, a:e].transpose(0, 1) for b, (a, e) in stage])
-                if core.lead_decode is not None and tuple(real.shape) == core.lead_decode.shape:
-                    pictures = core.lead_decode(real)  # a turn's first frames: one replay
-                else:
-                    pictures = core.denoiser.decode(real)  # (frames, 3, r, r) in [-1, 1]
+                pictures = core.denoiser.decode(real)  # (frames, 3, r, r) in [-1, 1]
                 self._sync(core)
             start = 0
             for b, (a, e) in stage:
@@ -524,7 +517,7 @@ class LatentSyncRenderer:
                     paste_faces(frames, pictures[start : start + e - a], face.crop_affines[a:e],
                                 face.has_face[a:e], core.masks.paste_alpha)
                 start += e - a
-                if on_frames is not None and leads[b] and e < counts[b]:
+                if on_frames is not None and streams[b] and e < counts[b]:
                     on_frames(b, outputs[b][:e])
         stages = {"audio_features": t1 - t0, "face": t2 - t1, "inference": t3 - t2,
                   "decode": timer.seconds["decode"], "paste": timer.seconds["paste"]}
@@ -582,16 +575,6 @@ def _pick_device(device: torch.device | str | None) -> torch.device:
         raise ConfigError("the LatentSync renderer needs a CUDA device and none is available;"
                           " use --renderer cpu (or pass device='cpu' to run slowly anyway)")
     return torch.device("cuda", 0)
-
-
-def _capture_lead_decode(codec: LatentCodec, latent: Sequence[int]) -> GraphedDecode | None:
-    """The decode of a turn's first LEAD_FRAMES as a CUDA graph; None (eager decode, a
-    warning) if capture fails."""
-    try:
-        return GraphedDecode(codec, (LEAD_FRAMES, *latent))
-    except RuntimeError as exc:
-        log.warning("lead_decode_graph_failed", error=str(exc)[:300])
-        return None
 
 
 def _fill_backgrounds(avatar: Avatar, specs: Sequence[FrameSpec], out: Frames) -> None:

@@ -211,38 +211,3 @@ class LatentCodec:
         """(N, C, h, w) scaled latents -> (N, 3, 8h, 8w) pictures, nominally in [-1, 1]."""
         out: torch.Tensor = self.vae.decode(latents.to(self.dtype) / SCALING_FACTOR).sample
         return out
-
-
-class GraphedDecode:
-    """`LatentCodec.decode` of one fixed input shape, replayed as a CUDA graph.
-
-    A turn's first frames are decoded alone (two of them) right after the UNet, on the
-    way to the turn's first picture; at that size the decoder's few hundred eager
-    launches, not its arithmetic, set the time. Same kernels as the eager decode.
-    Build and call under `torch.inference_mode()`, with the codec's device current.
-    """
-
-    def __init__(self, codec: LatentCodec, shape: tuple[int, ...]) -> None:
-        device = codec.device
-        if device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
-        self.shape = shape
-        self._latents = torch.randn(shape, device=device, dtype=codec.dtype)
-        side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up: cuDNN picks its kernels, allocator settles
-            for _ in range(2):
-                codec.decode(self._latents)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        capture = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-        with torch.cuda.graph(self._graph, stream=capture, capture_error_mode="thread_local"):
-            self._out = codec.decode(self._latents)
-
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        """(N, C, h, w) scaled latents of exactly `shape` -> (N, 3, 8h, 8w) pictures."""
-        if tuple(latents.shape) != self.shape:
-            raise ValueError(f"graphed decode of {self.shape}, got {tuple(latents.shape)}")
-        self._latents.copy_(latents)
-        self._graph.replay()
-        return self._out.clone()
