@@ -352,17 +352,22 @@ def early_sink(got: list[tuple[int, Frames, bool]], fut: list[asyncio.Future[Ren
     return on_frames
 
 
+def submit_early(engine: Engine, c: RenderChunk, got: list[tuple[int, Frames, bool]],
+                 priority: Priority = Priority.TURN_START) -> asyncio.Future[Rendered]:
+    """Submit with a sink noting each early delivery (count, frames, future done yet)."""
+    fut: list[asyncio.Future[Rendered]] = []
+    fut.append(engine.submit(c, engine.clock() + 1.0, priority, on_frames=early_sink(got, fut)))
+    return fut[0]
+
+
 async def test_a_turn_start_comes_out_in_checked_early_frames_before_its_future(
         avatar: Avatar) -> None:
     engine = make_engine(avatar, cpu(avatar), cpu(avatar))
     engine.start()
     try:
         got: list[tuple[int, Frames, bool]] = []
-        fut: list[asyncio.Future[Rendered]] = []
         c = turn_start(avatar, "a")
-        fut.append(engine.submit(c, engine.clock() + 1.0, Priority.TURN_START,
-                                 on_frames=early_sink(got, fut)))
-        done = await asyncio.wait_for(fut[0], timeout(5))
+        done = await asyncio.wait_for(submit_early(engine, c, got), timeout(5))
         assert (done.outcome, done.served_by) == ("ok", Route.PRIMARY)
         assert [n for n, _, _ in got] == [1, 4, 8, 12]
         assert not any(resolved for _, _, resolved in got)
@@ -372,9 +377,8 @@ async def test_a_turn_start_comes_out_in_checked_early_frames_before_its_future(
         assert (await render(engine, c)).outcome == "ok"
         inside = replace(turn_start(avatar, "b"), first_frame=16)
         got.clear()
-        fut[0] = engine.submit(inside, engine.clock() + 1.0, Priority.IN_TURN,
-                               on_frames=early_sink(got, fut))
-        assert (await asyncio.wait_for(fut[0], timeout(5))).outcome == "ok" and got == []
+        fut = submit_early(engine, inside, got, Priority.IN_TURN)
+        assert (await asyncio.wait_for(fut, timeout(5))).outcome == "ok" and got == []
     finally:
         await engine.close()
 
@@ -385,10 +389,8 @@ async def test_corrupt_early_frames_are_never_shown(avatar: Avatar) -> None:
     engine.start()
     try:
         got: list[tuple[int, Frames, bool]] = []
-        fut: list[asyncio.Future[Rendered]] = []
-        fut.append(engine.submit(turn_start(avatar, "a"), engine.clock() + 1.0,
-                                 Priority.TURN_START, on_frames=early_sink(got, fut)))
-        done = await asyncio.wait_for(fut[0], timeout(5))
+        done = await asyncio.wait_for(submit_early(engine, turn_start(avatar, "a"), got),
+                                      timeout(5))
         assert done.outcome == "invalid" and got == []
         assert done.frames.dtype == np.uint8 and done.frames.std() > 10  # the stand-in
     finally:
@@ -402,10 +404,8 @@ async def test_after_a_timeout_no_more_early_frames_arrive(avatar: Avatar) -> No
     engine.start()
     try:
         got: list[tuple[int, Frames, bool]] = []
-        fut: list[asyncio.Future[Rendered]] = []
-        fut.append(engine.submit(turn_start(avatar, "a"), engine.clock() + 1.0,
-                                 Priority.TURN_START, on_frames=early_sink(got, fut)))
-        done = await asyncio.wait_for(fut[0], timeout(5))
+        done = await asyncio.wait_for(submit_early(engine, turn_start(avatar, "a"), got),
+                                      timeout(5))
         assert done.outcome == "timeout" and [n for n, _, _ in got] == [1]
         stall.release.set()  # the abandoned render goes on and hands over the rest
         assert await asyncio.to_thread(stall.finished.wait, timeout(5))

@@ -371,13 +371,7 @@ class LatentSyncRenderer:
                 paste_faces(frame, pictures[:1], centred, np.ones(1, bool), core.masks.paste_alpha)
 
     def render(self, batch: Sequence[RenderChunk]) -> list[RenderResult]:
-        if not batch:
-            return []
-        if len(batch) > self._caps.max_batch:
-            raise RenderError(f"batch of {len(batch)} chunks exceeds max_batch "
-                              f"{self._caps.max_batch}", retryable=False)
-        with self._running(f"rendering {len(batch)} chunks") as core:
-            return self._render(core, batch)
+        return self._render_batch(batch, None)
 
     def render_streaming(self, batch: Sequence[RenderChunk],
                          on_frames: FrameSink) -> list[RenderResult]:
@@ -385,6 +379,10 @@ class LatentSyncRenderer:
         (`media.types.StreamsFrames`): its frame 0, then frames 1-3, are decoded and
         pasted alone, before the rest of the batch; the rest PASTE_GROUP frames at a time
         (`LEAD_STAGES`)."""
+        return self._render_batch(batch, on_frames)
+
+    def _render_batch(self, batch: Sequence[RenderChunk],
+                      on_frames: FrameSink | None) -> list[RenderResult]:
         if not batch:
             return []
         if len(batch) > self._caps.max_batch:
