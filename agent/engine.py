@@ -59,7 +59,7 @@ from media.types import (
     RenderChunk,
     Renderer,
     RenderResult,
-    StreamsFrames,
+    render_inner,
 )
 
 log = structlog.get_logger(__name__)
@@ -400,10 +400,7 @@ class Engine:
                         early: Callable[[int, Frames], None] | None = None) -> list[_Checked]:
         """In the lane's thread: render, check each chunk, stand in for failing ones.
         `early`: stream (`StreamsFrames`) and pass it the early frames."""
-        if early is not None and isinstance(renderer, StreamsFrames):
-            results = renderer.render_streaming(chunks, early)
-        else:
-            results = renderer.render(chunks)
+        results = render_inner(renderer, chunks, early)
         if len(results) != len(chunks):
             raise RenderError(f"renderer returned {len(results)} results for "
                               f"{len(chunks)} chunks", retryable=False)

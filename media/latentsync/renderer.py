@@ -93,8 +93,8 @@ RELEASES = {256: "ByteDance/LatentSync-1.5", 512: "ByteDance/LatentSync-1.6"}
 LOOKAHEAD_MS = 120  # covers the audio window's 92.5 ms past a chunk's end at 25 fps
 WARMUP_FPS = 25
 # Streaming: a turn's first chunk is decoded in stages that end at these frames (frame 0
-# alone: one frame's decode is ~3.5 ms on an H100; then 1-3, due 40 ms later), then the
-# rest in one decode, pasted and handed over PASTE_GROUP frames at a time.
+# alone: its decode and paste-back take 11-15 ms on an H100; then 1-3, due 40 ms later),
+# then the rest in one decode, pasted and handed over PASTE_GROUP frames at a time.
 LEAD_STAGES = (1, 4)
 PASTE_GROUP = 4
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
