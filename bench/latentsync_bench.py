@@ -495,7 +495,7 @@ class Bench:
         log(self.notes[-1])
         self.add("+ CUDA graphs (this run's baseline)", px, b, 20, graph_s)
         s, out = self.loop(pred, b, latent)
-        self.add("AOTInductor + CUDA graphs, exact", px, b, 20, s,
+        self.add("AOTInductor + CUDA graphs, exact (guided forward)", px, b, 20, s,
                  relative_error(out.float(), graph_out.float()))
         self.notes.append(
             "AOTInductor row: rel. L2 is against the CUDA-graph (eager kernels) result on the"
@@ -508,7 +508,8 @@ class Bench:
     def aot_predictor(self, b: int) -> NoisePredictor:
         if not self.cuda:
             return UNetPredictor(self.unet)  # --tiny on the CPU: the bench's plumbing only
-        return AotPredictor(self.unet, cache_dir=self.args.aot_dir, max_rows=2 * b)
+        # as the renderer builds it with guidance: the guided forward, one copy of the pair
+        return AotPredictor(self.unet, cache_dir=self.args.aot_dir, max_rows=2 * b, guided=True)
 
     def compiled_predictor(self, interval: int) -> NoisePredictor:
         dynamic = None if self.args.compile_dynamic else False

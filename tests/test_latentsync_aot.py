@@ -23,7 +23,7 @@ from media.latentsync.aot import (
     probe_load,
 )
 from media.latentsync.config import UNetConfig
-from media.latentsync.unet import UNet3DConditionModel
+from media.latentsync.unet import DeepCacheState, UNet3DConditionModel
 from media.latentsync.verify import relative_error
 from tests.latentsyncutil import tiny_unet_for_runners
 
@@ -110,6 +110,48 @@ def test_predictor_runs_deepcache_and_exact_loops_as_eager_does(
         with pytest.raises(ValueError, match="6 rows exceeds the compiled 4"):
             loop(aot, 3, seed=0)
     assert not list(tmp_path.iterdir())  # the export backend stores nothing
+
+
+@EXPORT_WARNINGS
+@pytest.mark.parametrize("kind", ["exact", "refresh", "shallow"])
+def test_each_guided_kind_takes_one_copy_of_the_pair_for_any_batch(
+    unet: UNet3DConditionModel, kind: str
+) -> None:
+    """The guided export takes N chunks (1..max_rows / 2) and returns the whole pair's
+    2N rows: what the eager guided forward gives, and, up to float reordering, the plain
+    forward of the pair."""
+    program = export_forward(unet, kind, ROW, AUDIO_ROW, max_rows=6,  # type: ignore[arg-type]
+                             guided=True)
+    module = program.module()
+    eager = AotForward(unet, kind, guided=True)  # type: ignore[arg-type]
+    for rows in (1, 3):
+        inputs = example_inputs(unet, kind, ROW, AUDIO_ROW, rows, guided=True)  # type: ignore[arg-type]
+        sample, t, audio, *deep = inputs
+        pair = torch.cat([sample, sample]), torch.cat([torch.zeros_like(audio), audio])
+        cache = None if kind == "exact" else DeepCacheState(refresh=kind == "refresh",
+                                                            deep=deep[0] if deep else None)
+        with torch.inference_mode():
+            got, want = module(*inputs), eager(*inputs)
+            plain = unet(pair[0], t, pair[1], cache=cache)
+        got, want = (got[0], want[0]) if kind == "refresh" else (got, want)
+        assert got.shape[0] == 2 * rows and relative_error(got, want) < 1e-5
+        assert relative_error(got, plain) < 1e-4
+    assert AotKey.of(unet, "exact", ROW, AUDIO_ROW, 6, guided=True).filename().startswith(
+        "latentsync_unet_guided_exact_")
+
+
+@EXPORT_WARNINGS
+def test_guided_predictor_runs_deepcache_and_exact_loops_as_eager_does(
+    unet: UNet3DConditionModel, tmp_path: Path
+) -> None:
+    for interval in (1, 3):
+        aot = AotPredictor(unet, interval, cache_dir=tmp_path, max_rows=4, backend="export",
+                           guided=True)
+        aot.warmup((4, *ROW), (4 * F, *AUDIO_ROW))
+        assert all(load.error < 1e-5 for load in aot.loads)
+        for chunks in (1, 2):
+            expected = loop(UNetPredictor(unet, interval), chunks, seed=chunks)
+            assert relative_error(loop(aot, chunks, seed=chunks), expected) < 1e-5
 
 
 @EXPORT_WARNINGS

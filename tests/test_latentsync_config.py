@@ -298,7 +298,7 @@ def test_aot_setting_gives_the_ahead_of_time_runner(tmp_path: Any) -> None:
                               deepcache_interval=3)
     predictor = noise_predictor_for(config, tiny_models())
     assert isinstance(predictor, AotPredictor)
-    assert (predictor.max_rows, predictor.cache_dir) == (6, tmp_path)
+    assert (predictor.max_rows, predictor.cache_dir, predictor.guided) == (6, tmp_path, True)
     assert predictor.kinds() == ("refresh", "shallow")
     assert noise_predictor_for(config, tiny_models(), 1).kinds() == ("exact",)  # type: ignore[attr-defined]
 
@@ -312,7 +312,8 @@ def test_aot_runner_is_prepared_at_warmup_and_renders_what_eager_renders(
     exported programs stand in for the compiled artifacts here (the same graphs, run by
     PyTorch; the slow test in test_latentsync_aot compiles one)."""
     models = tiny_models()
-    aot = AotPredictor(models.unet, 3, cache_dir=tmp_path, max_rows=4, backend="export")
+    aot = AotPredictor(models.unet, 3, cache_dir=tmp_path, max_rows=4, backend="export",
+                       guided=True)  # as the renderer builds it with guidance
     made = renderer(avatar, models, **FAST, max_batch=2, noise_predictor=aot)
     made.warmup()
     assert sorted(load.kind for load in aot.loads) == ["refresh", "shallow"]

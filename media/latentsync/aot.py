@@ -22,7 +22,9 @@ forward kind, per-row input shapes, batch range, GPU model and torch version.
 Every load is checked against the eager UNet before use.
 
 `AotPredictor` is a `GraphPredictor` whose forwards are these artifacts: on CUDA
-each batch size is still captured into CUDA graphs at warm-up.
+each batch size is still captured into CUDA graphs at warm-up. With guidance the
+artifacts are the UNet's guided forward given one copy of the pair (the pair's shared
+part once, as the compiled and CUDA-graph runners do).
 """
 
 from __future__ import annotations
@@ -44,12 +46,13 @@ from torch import nn
 from torch.nn.attention import SDPBackend
 
 from media.latentsync.accel import GraphPredictor, apply_kernels
+from media.latentsync.layers import second_half
 from media.latentsync.toolchain import ToolchainError, aoti_compiler
 from media.latentsync.unet import DeepCacheState, UNet3DConditionModel
 from media.latentsync.verify import relative_error
 
 # Names the export/compile recipe below; change it when the recipe changes.
-AOT_RECIPE = "export-dynamic-batch+aoti-weightless-v4-shared-cxx-runtime"
+AOT_RECIPE = "export-dynamic-batch+aoti-weightless-v5-shared-cxx-runtime-guided"
 # No weights in the package, and none inlined into the generated code (Inductor
 # would otherwise bake small tensors, such as a 4-channel bias, in as literals).
 AOT_INDUCTOR_CONFIGS: dict[str, Any] = {
@@ -100,6 +103,7 @@ class AotKey:
     gpu: str  # torch.cuda.get_device_name, or "cpu"
     torch_version: str
     kernels: str = "{}"  # the UNet's set_kernels choices (JSON)
+    guided: bool = False  # the guided forward, given one copy of the pair (see AotForward)
     recipe: str = AOT_RECIPE
 
     @classmethod
@@ -110,6 +114,7 @@ class AotKey:
         row_shape: Sequence[int],
         audio_row_shape: Sequence[int],
         max_rows: int,
+        guided: bool = False,
     ) -> AotKey:
         param = next(unet.parameters())
         config = json.dumps(asdict(unet.config), sort_keys=True, default=list)
@@ -124,12 +129,14 @@ class AotKey:
             gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             torch_version=torch.__version__,
             kernels=json.dumps(unet.kernels(), sort_keys=True),
+            guided=guided,
         )
 
     def filename(self) -> str:
         digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
         shape = "x".join(str(n) for n in self.row_shape)
-        return f"latentsync_unet_{self.kind}_{self.dtype}_{shape}_{digest[:16]}.pt2"
+        kind = f"guided_{self.kind}" if self.guided else self.kind
+        return f"latentsync_unet_{kind}_{self.dtype}_{shape}_{digest[:16]}.pt2"
 
 
 class AotForward(nn.Module):
@@ -137,12 +144,17 @@ class AotForward(nn.Module):
 
     exact: (sample, t, audio) -> noise; refresh: -> (noise, deep features);
     shallow: (sample, t, audio, deep) -> noise (see `DeepCacheState`).
+    guided: the UNet's guided forward given one copy of a guidance pair (`halved`):
+    `sample` and `audio` are the N chunks and their audio, the noise (and the deep
+    features) come out for the whole pair, 2N rows, the unconditional half first.
     """
 
-    def __init__(self, unet: UNet3DConditionModel, kind: AotKind) -> None:
+    def __init__(self, unet: UNet3DConditionModel, kind: AotKind, guided: bool = False
+                 ) -> None:
         super().__init__()
         self.unet = unet
         self.kind = kind
+        self.guided = guided
 
     def forward(
         self,
@@ -151,16 +163,17 @@ class AotForward(nn.Module):
         audio: torch.Tensor,
         deep: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        pair = {"guided": self.guided, "halved": self.guided}
         if self.kind == "exact":
-            out: torch.Tensor = self.unet(sample, timestep, audio)
+            out: torch.Tensor = self.unet(sample, timestep, audio, **pair)
             return out
         if self.kind == "refresh":
             cache = DeepCacheState(refresh=True)
-            out = self.unet(sample, timestep, audio, cache=cache)
+            out = self.unet(sample, timestep, audio, cache=cache, **pair)
             assert cache.deep is not None
             return out, cache.deep
         shallow: torch.Tensor = self.unet(
-            sample, timestep, audio, cache=DeepCacheState(refresh=False, deep=deep)
+            sample, timestep, audio, cache=DeepCacheState(refresh=False, deep=deep), **pair
         )
         return shallow
 
@@ -185,8 +198,10 @@ def example_inputs(
     row_shape: Sequence[int],
     audio_row_shape: Sequence[int],
     rows: int,
+    guided: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Seeded random inputs of `rows` rows for `kind` (shallow: deep features included)."""
+    """Seeded random inputs of `rows` rows for `kind` (shallow: deep features included;
+    guided: `rows` chunks of one copy of the pair, and the pair's deep features)."""
     param = next(unet.parameters())
     gen = torch.Generator(param.device).manual_seed(rows)
     frames = row_shape[1]
@@ -201,7 +216,7 @@ def example_inputs(
         return sample, timestep, audio
     cache = DeepCacheState(refresh=True)
     with torch.inference_mode():
-        unet(sample, timestep, audio, cache=cache)
+        unet(sample, timestep, audio, cache=cache, guided=guided, halved=guided)
     assert cache.deep is not None
     return sample, timestep, audio, cache.deep.clone()
 
@@ -212,20 +227,29 @@ def export_forward(
     row_shape: Sequence[int],
     audio_row_shape: Sequence[int],
     max_rows: int,
+    guided: bool = False,
 ) -> torch.export.ExportedProgram:
-    """torch.export of one forward kind with the batch symbolic in 1..max_rows."""
-    if max_rows < 2:
-        raise ValueError(f"max_rows must be >= 2 (the export's example has 2), got {max_rows}")
+    """torch.export of one forward kind with the batch symbolic in 1..max_rows (guided:
+    1..`guided_rows(max_rows)` chunks in, twice as many rows out)."""
+    limit = guided_rows(max_rows) if guided else max_rows
+    if limit < 2:
+        raise ValueError(f"max_rows must be >= 2 (the export's example has 2), got {limit}")
     frames = row_shape[1]
-    rows = torch.export.Dim("rows", min=1, max=max_rows)
-    example = example_inputs(unet, kind, row_shape, audio_row_shape, 2)
+    rows = torch.export.Dim("rows", min=1, max=limit)
+    example = example_inputs(unet, kind, row_shape, audio_row_shape, 2, guided)
     dynamic: list[Any] = [{0: rows}, None, {0: rows * frames}]
     if kind == "shallow":
-        dynamic.append({0: rows})
+        dynamic.append({0: 2 * rows if guided else rows})
     with torch.no_grad():
         return torch.export.export(
-            AotForward(unet, kind).eval(), example, dynamic_shapes=tuple(dynamic)
+            AotForward(unet, kind, guided).eval(), example, dynamic_shapes=tuple(dynamic)
         )
+
+
+def guided_rows(max_rows: int) -> int:
+    """Chunks a guided artifact takes for pairs of up to `max_rows` rows (at least 2: the
+    export's example has 2, and a size-1 example would fix the size)."""
+    return max(2, max_rows // 2)
 
 
 def load_or_compile(
@@ -238,8 +262,10 @@ def load_or_compile(
     *,
     single_threaded: bool = False,
     backend: Backend = "aoti",
+    guided: bool = False,
 ) -> tuple[Any, AotLoad]:
-    """The runner of one forward kind, with this UNet's weights bound, and how it got ready.
+    """The runner of one forward kind (guided: `AotForward`'s), with this UNet's weights
+    bound, and how it got ready.
 
     backend "aoti": the artifact from `cache_dir`, compiled and stored first if absent.
     "export": the exported program run by PyTorch (no compiling, nothing stored; tests
@@ -255,18 +281,19 @@ def load_or_compile(
         stages[name] = now - mark
         mark = now
 
-    key = AotKey.of(unet, kind, row_shape, audio_row_shape, max_rows)
+    key = AotKey.of(unet, kind, row_shape, audio_row_shape, max_rows, guided)
     path = Path(cache_dir).expanduser() / key.filename()
     runner: Any
     with torch.inference_mode(False):
         if backend == "export":
-            runner = export_forward(unet, kind, row_shape, audio_row_shape, max_rows).module()
+            runner = export_forward(unet, kind, row_shape, audio_row_shape, max_rows,
+                                    guided).module()
             compiled_now = True
             stage("compile")
         else:
             compiled_now = not path.is_file()
             if compiled_now:
-                program = export_forward(unet, kind, row_shape, audio_row_shape, max_rows)
+                program = export_forward(unet, kind, row_shape, audio_row_shape, max_rows, guided)
                 _store_package(program, path)
                 stage("compile")
             device = next(unet.parameters()).device
@@ -275,10 +302,10 @@ def load_or_compile(
             stage("probe")
             runner = load_package(path, single_threaded=single_threaded, device_index=index)
             stage("load")
-            _bind_weights(runner, AotForward(unet, kind), path)
+            _bind_weights(runner, AotForward(unet, kind, guided), path)
             stage("bind")
     seconds = time.perf_counter() - start
-    error = _check(runner, unet, kind, row_shape, audio_row_shape, path)
+    error = _check(runner, unet, kind, row_shape, audio_row_shape, path, guided)
     stage("check")
     return runner, AotLoad(kind, path, compiled_now, seconds, error, stages)
 
@@ -402,10 +429,11 @@ def _check(
     row_shape: Sequence[int],
     audio_row_shape: Sequence[int],
     path: Path,
+    guided: bool = False,
 ) -> float:
     """Relative L2 of one 2-row call against eager; a stale or mis-bound artifact fails."""
-    inputs = example_inputs(unet, kind, row_shape, audio_row_shape, 2)
-    eager = AotForward(unet, kind)
+    inputs = example_inputs(unet, kind, row_shape, audio_row_shape, 2, guided)
+    eager = AotForward(unet, kind, guided)
     with torch.inference_mode():
         expected, actual = eager(*inputs), runner(*inputs)
     error = relative_error(torch.cat([t.flatten() for t in _tensors(actual)]),
@@ -430,6 +458,8 @@ class AotPredictor(GraphPredictor):
     size into CUDA graphs as `GraphPredictor` does. Without CUDA graphs (the CPU,
     or `graphs=False`) the artifacts run directly. `max_rows`: the largest UNet
     batch (2 x chunks with guidance). `loads` says how each artifact got ready.
+    `guided`: every call is a guidance pair; the artifacts are the UNet's guided forward
+    (the pair's shared part once), given one copy of the pair.
     `kernels`: the UNet's execution choices to set before exporting (see
     `media.latentsync.accel.apply_kernels`).
     """
@@ -445,8 +475,9 @@ class AotPredictor(GraphPredictor):
         graphs: bool = True,
         backend: Backend = "aoti",
         kernels: dict[str, Any] | None | str = "auto",
+        guided: bool = False,
     ) -> None:
-        super().__init__(unet, cache_interval, sdpa)
+        super().__init__(unet, cache_interval, sdpa, guided)
         apply_kernels(unet, kernels)
         self.cache_dir = Path(cache_dir)
         self.max_rows = max(2, max_rows)
@@ -492,6 +523,7 @@ class AotPredictor(GraphPredictor):
             runner, load = load_or_compile(
                 self.unet, kind, sample_shape[1:], audio_shape[1:], self.max_rows,
                 self.cache_dir, single_threaded=self._graphs_on, backend=self.backend,
+                guided=self.guided,
             )
             self._runners[kind] = runner
             self.loads.append(load)
@@ -511,12 +543,15 @@ class AotPredictor(GraphPredictor):
                 f"a UNet batch of {sample.shape[0]} rows exceeds the compiled {self.max_rows}"
             )
         shapes = (tuple(sample.shape), tuple(audio.shape))
+        rows = sample.shape[0]
+        if self.guided:  # one copy of the pair in (views: nothing is copied or captured)
+            sample, audio = second_half(sample), second_half(audio)
         out: torch.Tensor
         if cache is None:
             out = self._runner("exact", *shapes)(sample, timestep, audio)
         elif refresh:
             out, cache.deep = self._runner("refresh", *shapes)(sample, timestep, audio)
         else:
-            deep = UNet3DConditionModel._cached_deep(cache, sample, sample.shape[0])
+            deep = UNet3DConditionModel._cached_deep(cache, sample, rows)
             out = self._runner("shallow", *shapes)(sample, timestep, audio, deep)
         return out

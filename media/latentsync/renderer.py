@@ -181,16 +181,15 @@ def noise_predictor_for(config: LatentSyncConfig, models: LatentSyncModels,
     """The UNet runner that `config` asks for: CUDA-graph replay on a CUDA device when
     `cuda_graphs` (the CPU has no graphs: eager there), compiled under the graphs when
     `compile`, DeepCache when `deepcache_interval` (or `interval`) > 1; `aot`: ahead-of-time
-    artifacts (under the graphs on CUDA, run directly elsewhere). With guidance, the UNet's
-    guided forward (the pair's shared part once) in eager, CUDA-graph and compiled runs,
-    not yet under `aot`."""
+    artifacts (under the graphs on CUDA, run directly elsewhere). With guidance, every
+    runner computes the UNet's guided forward (the pair's shared part once)."""
     interval = config.deepcache_interval if interval is None else interval
     kernels = compiled_kernels(config, models)
-    if config.aot:  # its artifacts compute the whole guidance pair
+    guided = config.guidance_scale > 1.0  # every call a pair: its shared part runs once
+    if config.aot:
         return AotPredictor(models.unet, interval, cache_dir=config.aot_cache_dir,
                             max_rows=2 * config.max_batch, graphs=config.cuda_graphs,
-                            kernels=kernels)
-    guided = config.guidance_scale > 1.0  # every call a pair: its shared part runs once
+                            kernels=kernels, guided=guided)
     if config.cuda_graphs and models.device.type == "cuda":
         if config.compile:  # the guided forward gets one copy of the pair (halved inputs)
             use_compile_cache(config.compile_cache_dir)
