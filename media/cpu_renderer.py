@@ -30,12 +30,10 @@ from media.types import (
     RenderChunk,
     RendererCapabilities,
     RenderResult,
+    stream_pieces,
 )
 
 MAX_BATCH = 4  # chunks are independent; a batch only saves call overhead
-# Streaming: a turn's first chunk is handed over after its first frame, then every
-# PASTE_GROUP frames (as the LatentSync renderer does).
-PASTE_GROUP = 4
 
 
 class CpuRenderer:
@@ -72,8 +70,8 @@ class CpuRenderer:
 
     def render_streaming(self, batch: Sequence[RenderChunk],
                          on_frames: FrameSink) -> list[RenderResult]:
-        """`render`, handing a turn's first chunk over early (`StreamsFrames`): its first
-        frame as soon as it is drawn, then every PASTE_GROUP frames."""
+        """`render`, handing a turn's first chunk over early (`StreamsFrames`), piece by
+        piece (`stream_pieces`) as its frames are drawn."""
         return [self._render_chunk(chunk, functools.partial(on_frames, i)
                                    if chunk.first_frame == 0 else None)
                 for i, chunk in enumerate(batch)]
@@ -90,6 +88,7 @@ class CpuRenderer:
         t1 = time.perf_counter()
         frames = np.empty((n, avatar.height, avatar.width, 3), np.uint8)  # (F, H, W, 3)
         source = mouth = 0.0
+        handovers = {e for _, e in stream_pieces(n)[:-1]} if on_frames is not None else set()
         for i, spec in enumerate(chunk.frames):
             t = time.perf_counter()
             geometry = _source(avatar, spec, frames[i])
@@ -98,9 +97,8 @@ class CpuRenderer:
                 open_mouth(frames[i], geometry, float(track.opening[i]), float(track.spread[i]))
             source += t_mouth - t
             mouth += time.perf_counter() - t_mouth
-            done = i + 1
-            if on_frames is not None and done < n and (done == 1 or done % PASTE_GROUP == 0):
-                on_frames(frames[:done])
+            if on_frames is not None and i + 1 in handovers:
+                on_frames(frames[: i + 1])
         stages = {"audio_features": t1 - t0, "source": source, "mouth": mouth}
         return RenderResult(key=chunk.key, frames=frames, stages=stages)
 

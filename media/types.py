@@ -191,6 +191,15 @@ def samples_per_frame(fps: int, rate: int = RENDER_SAMPLE_RATE) -> int:
     return rate // fps
 
 
+def stream_pieces(n: int) -> list[tuple[int, int]]:
+    """The frame ranges [a, e) in which a streaming renderer hands over a turn's first chunk
+    of `n` frames: frame 0 alone (the turn's first picture), then frames 1-3 (due 40 ms
+    later at 25 fps), then 4 at a time; the last piece ends at `n` and comes with the
+    result, not through `on_frames`."""
+    edges = [e for e in (1, *range(4, n, 4)) if e < n]
+    return list(zip([0, *edges], [*edges, n], strict=True))
+
+
 def render_inner(inner: Renderer, batch: Sequence[RenderChunk],
                  on_frames: FrameSink | None) -> list[RenderResult]:
     """`render` or `render_streaming` for a wrapping renderer: the inner renderer's streaming

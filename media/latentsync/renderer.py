@@ -83,6 +83,7 @@ from media.types import (
     RenderChunk,
     RendererCapabilities,
     RenderResult,
+    stream_pieces,
 )
 
 UNET_FILE = "latentsync_unet.pt"
@@ -92,11 +93,10 @@ ARCHITECTURES = {256: "stage2.json", 512: "stage2_512.json"}  # LatentSync v1.5,
 RELEASES = {256: "ByteDance/LatentSync-1.5", 512: "ByteDance/LatentSync-1.6"}
 LOOKAHEAD_MS = 120  # covers the audio window's 92.5 ms past a chunk's end at 25 fps
 WARMUP_FPS = 25
-# Streaming: a turn's first chunk is decoded in stages that end at these frames (frame 0
-# alone: its decode and paste-back take 11-15 ms on an H100; then 1-3, due 40 ms later),
-# then the rest in one decode, pasted and handed over PASTE_GROUP frames at a time.
-LEAD_STAGES = (1, 4)
-PASTE_GROUP = 4
+# Streaming: the first pieces of a turn's first chunk (`stream_pieces`: frame 0, then 1-3)
+# are decoded alone, each ahead of the rest of the batch (frame 0's decode and paste-back
+# take 11-15 ms on an H100); its other pieces share the batch's last decode.
+LEAD_PIECES = 2
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -376,8 +376,8 @@ class LatentSyncRenderer:
                          on_frames: FrameSink) -> list[RenderResult]:
         """`render`, handing over the first frames of each turn's first chunk early
         (`media.types.StreamsFrames`): its frame 0, then frames 1-3, are decoded and
-        pasted alone, before the rest of the batch; the rest PASTE_GROUP frames at a time
-        (`LEAD_STAGES`)."""
+        pasted alone, before the rest of the batch; the rest 4 frames at a time
+        (`media.types.stream_pieces`, `LEAD_PIECES`)."""
         return self._render_batch(batch, on_frames)
 
     def _render_batch(self, batch: Sequence[RenderChunk],
@@ -479,25 +479,17 @@ class LatentSyncRenderer:
         t3 = self._sync(core)
         counts = [len(p.chunk.frames) for p in plans]
         # Decode stages: per chunk, its (start, end) frame ranges, each pasted (and for a
-        # streaming chunk handed over) as a piece. A streaming chunk (a turn's first) has a
-        # stage per LEAD_STAGES bound and its rest in the last stage, pasted in groups;
+        # streaming chunk handed over) as a piece. A streaming chunk (a turn's first) has
+        # a stage for each of its LEAD_PIECES and the rest of its pieces in the last stage;
         # every other chunk is one piece of the last stage.
         streams = [on_frames is not None and p.chunk.first_frame == 0 for p in plans]
         outputs = [np.empty((n, p.avatar.height, p.avatar.width, 3), np.uint8)
                    for p, n in zip(plans, counts, strict=True)]
         timer = _StageTimer()
-        pieces: list[list[tuple[int, tuple[int, int]]]] = [[] for _ in range(len(LEAD_STAGES) + 1)]
+        pieces: list[list[tuple[int, tuple[int, int]]]] = [[] for _ in range(LEAD_PIECES + 1)]
         for b, n in sorted(enumerate(counts), key=lambda bn: not streams[bn[0]]):
-            if not streams[b]:
-                pieces[-1].append((b, (0, n)))
-                continue
-            edges = [0, *(e for e in LEAD_STAGES if e < n)]
-            for i, (a, e) in enumerate(zip(edges, [*edges[1:], n], strict=True)):
-                if i < len(edges) - 1:
-                    pieces[i].append((b, (a, e)))
-                else:
-                    pieces[-1] += [(b, (x, min(x + PASTE_GROUP, n)))
-                                   for x in range(a, n, PASTE_GROUP)]
+            for i, piece in enumerate(stream_pieces(n) if streams[b] else [(0, n)]):
+                pieces[min(i, LEAD_PIECES) if streams[b] else -1].append((b, piece))
         for stage in pieces:
             if not stage:
                 continue
