@@ -122,16 +122,25 @@ class CpuRenderer:
         return avatar
 
 
-def _source(avatar: Avatar, spec: FrameSpec, out: Frame) -> Geometry:
-    """Write the spec's (blended) source picture into `out`; return its face geometry."""
+def source_picture(avatar: Avatar, spec: FrameSpec, out: Frame) -> None:
+    """Write the spec's source picture into `out` (H, W, 3), blended in pixel space where
+    the spec blends (also the LatentSync renderer's paste-back background)."""
     first = _picture(avatar, avatar.source.frame(spec.source))
-    geometry = avatar.source.geometry(spec.source)
     if spec.blend_to is None or spec.blend_weight == 0.0:
         np.copyto(out, first)
-        return geometry
+        return
     w = spec.blend_weight
     second = _picture(avatar, avatar.source.frame(spec.blend_to))
     cv2.addWeighted(first, 1.0 - w, second, w, 0.0, dst=out)
+
+
+def _source(avatar: Avatar, spec: FrameSpec, out: Frame) -> Geometry:
+    """Write the spec's (blended) source picture into `out`; return its face geometry."""
+    source_picture(avatar, spec, out)
+    geometry = avatar.source.geometry(spec.source)
+    if spec.blend_to is None or spec.blend_weight == 0.0:
+        return geometry
+    w = spec.blend_weight
     other = avatar.source.geometry(spec.blend_to)
     return ((1.0 - w) * geometry + w * other).astype(np.float32)
 

@@ -42,13 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 import torch
 
 from agent.config import LatentSyncConfig
 from agent.errors import ConfigError, GpuOutOfMemory, NotFound, RenderError
 from media.avatar import Avatar
+from media.cpu_renderer import source_picture
 from media.latentsync import accel, frame_attention
 from media.latentsync.accel import CompiledPredictor, GraphPredictor, UNetPredictor
 from media.latentsync.aot import AotPredictor
@@ -77,7 +77,6 @@ from media.latentsync.vae import SD_VAE_SHAPE, LatentCodec, VaeShape, find_vae, 
 from media.latentsync.whisper import load_whisper_encoder
 from media.types import (
     AvatarPrep,
-    Frames,
     FrameSink,
     FrameSpec,
     RenderChunk,
@@ -502,7 +501,8 @@ class LatentSyncRenderer:
                 plan, face = plans[b], inputs[b]
                 with timer("paste"):
                     frames = outputs[b][a:e]
-                    _fill_backgrounds(plan.avatar, plan.chunk.frames[a:e], frames)
+                    for out, spec in zip(frames, plan.chunk.frames[a:e], strict=True):
+                        source_picture(plan.avatar, spec, out)
                     paste_faces(frames, pictures[start : start + e - a], face.crop_affines[a:e],
                                 face.has_face[a:e], core.masks.paste_alpha)
                 start += e - a
@@ -566,19 +566,6 @@ def _pick_device(device: torch.device | str | None) -> torch.device:
     return torch.device("cuda", 0)
 
 
-def _fill_backgrounds(avatar: Avatar, specs: Sequence[FrameSpec], out: Frames) -> None:
-    """Write the source pictures of `specs` into `out` (n, H, W, 3), blended in pixel space
-    where a spec blends."""
-    for i, spec in enumerate(specs):
-        first = _picture(avatar, avatar.source.frame(spec.source))
-        if spec.blend_to is None or spec.blend_weight == 0.0:
-            np.copyto(out[i], first)
-            continue
-        second = _picture(avatar, avatar.source.frame(spec.blend_to))
-        w = spec.blend_weight
-        cv2.addWeighted(first, 1.0 - w, second, w, 0.0, dst=out[i])
-
-
 class _StageTimer:
     """Seconds spent in named stages, summed over their pieces."""
 
@@ -592,13 +579,3 @@ class _StageTimer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-
-def _picture(avatar: Avatar, picture: np.ndarray) -> np.ndarray:
-    if picture.shape != (avatar.height, avatar.width, 3) or picture.dtype != np.uint8:
-        raise RenderError(
-            f"avatar {avatar.id!r} source frame is {picture.shape} {picture.dtype}, "
-            f"want ({avatar.height}, {avatar.width}, 3) uint8",
-            retryable=False,
-        )
-    return picture
