@@ -18,9 +18,16 @@ chunk's frames, of (when frame k is due at 25 fps after the first) - (when it wa
 over): negative means playout would repeat a picture. The streaming call's stages split
 the first frame's time: audio features, face inputs (cached latents), UNet, then the
 first frames' decode and paste-back ("UNet end -> first frame").
-Each runner is measured twice: as the warm-up left the process, then after
-`gc.freeze()` (the objects alive then are never scanned again); "GC pauses" is the time
-the garbage collector held the process during the streaming call.
+Each runner is measured in three variants (`VARIANTS`), on the same warmed-up renderer:
+- serial: the renderer's order before session 11 (`overlap` off): a wait for the device
+  at every stage's end, each piece's paste-back planned after its decode;
+- overlap: the paste-back's host work (backgrounds, where the faces go) done while the
+  device runs the UNet, every stage queued without a wait, the pasted windows copied
+  back through pinned memory;
+- overlap + audio graph: the audio encoder (front end and Whisper) replayed as a CUDA
+  graph, captured at warm-up.
+"GC pauses" is the time the garbage collector held the process during the streaming
+call.
 
     python -m bench.first_frame --out out/first_frame            # CUDA machine
     python -m bench.first_frame --tiny --out out/first_frame_dry # CPU dry run
@@ -60,6 +67,13 @@ from media.types import (
 
 FPS = 25
 FRAMES = 16
+# The renderer's host-work choices, measured in turn on each warmed-up renderer:
+# (LatentSyncRenderer.overlap, AudioFeatureExtractor.use_graphs).
+VARIANTS = {
+    "serial (before session 11)": (False, False),
+    "overlap": (True, False),
+    "overlap + audio graph": (True, True),
+}
 RUNNERS: dict[str, dict[str, Any]] = {
     "graphs": {"cuda_graphs": True},
     "compiled": {"cuda_graphs": True, "compile": True},
@@ -179,17 +193,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         warm = time.perf_counter() - t0
         log(f"{name}: avatar prepared in {prepared:.1f} s, warm-up (compile, capture)"
             f" {warm:.1f} s")
-        for frozen in (False, True):
-            if frozen:  # what the warm-up allocated is never scanned again (gc.freeze)
-                gc.collect()
-                gc.freeze()
+        for variant, (overlap, audio_graphs) in VARIANTS.items():
+            renderer.overlap = overlap
+            models.audio.use_graphs = audio_graphs
             m = measure(renderer, avatar, args.reps, pauses)
-            rows.append([name + (", gc frozen" if frozen else ""), fmt(m["whole"]),
+            rows.append([f"{name}, {variant}", fmt(m["whole"]),
                          fmt(m["first"]), fmt(m["done"]), fmt(m["slack"]), fmt(m["features"]),
                          fmt(m["face"]), fmt(m["unet"]), fmt(m["after"]), fmt(m["gc"]),
                          f"{warm:.0f}"])
             log(" | ".join(rows[-1]))
-        gc.unfreeze()
         renderer.close()
     header = ["runner", "whole chunk ms (render)", "first frame ms (streaming)",
               "chunk done ms (streaming)", "cadence slack ms", "audio features ms", "face ms",

@@ -225,3 +225,35 @@ def test_loader_errors_name_file_and_expectation(tmp_path: Path) -> None:
 def test_fixture_on_cuda_in_float16(fixture_paths: tuple[Path, Path]) -> None:
     # float16 states alone round at ~3e-4; measured 8.0e-4 on an H200 (float32 on CUDA: 1.8e-4).
     assert verify_audio(*fixture_paths, device="cuda", dtype=torch.float16) < 2e-3
+
+
+def test_capture_does_nothing_off_cuda() -> None:
+    extractor = small_extractor()
+    extractor.capture([1, 2])
+    assert extractor.captured == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_encoder_gives_the_modules_features(
+    fixture_paths: tuple[Path, Path]
+) -> None:
+    extractor = AudioFeatureExtractor.from_checkpoint(
+        fixture_paths[0], device="cuda", dtype=torch.float16)
+    turn = speechlike(3.0, seed=5)
+    chunks = [ChunkAudio(turn[: required_samples(16 * (k + 1), FPS)], 16 * k, 16, FPS)
+              for k in range(2)]
+    eager = extractor.chunk_features(chunks)  # (32, 50, C): one window
+    first = extractor.chunk_features(chunks[:1])
+    extractor.capture([1, 2])
+    assert extractor.captured == [1, 2]
+    graphed = extractor.chunk_features(chunks)
+    again = extractor.chunk_features(chunks[:1])  # a replay between must not touch a result
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-3)
+    torch.testing.assert_close(again, first, rtol=0, atol=1e-3)
+    # Two chunks of two turns: two windows in one call, the 2-window graph.
+    other = ChunkAudio(speechlike(1.0, seed=6), 0, 16, FPS, end_of_turn=True)
+    both = extractor.chunk_features([chunks[0], other])
+    extractor.use_graphs = False
+    torch.testing.assert_close(both, extractor.chunk_features([chunks[0], other]),
+                               rtol=0, atol=1e-3)

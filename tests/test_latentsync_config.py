@@ -131,6 +131,30 @@ def test_each_chunk_batch_starts_a_fresh_deepcache_loop(avatar: Avatar) -> None:
     stale.close()
 
 
+@DPM_WARNING
+def test_the_paste_back_planned_during_the_unet_gives_the_same_frames(avatar: Avatar) -> None:
+    # `overlap` (the default) plans every piece's paste-back before the first decode and
+    # hands pieces over after all are queued; False plans each after its decode, as before.
+    made = renderer(avatar, models := tiny_models(), **FAST)
+    batch = [chunk(avatar), chunk(avatar, 7, index=1)]
+    try:
+        handed: list[tuple[int, int]] = []
+        ahead = made.render_streaming(batch, lambda i, f: handed.append((i, len(f))))
+        made.overlap = False
+        serial: list[tuple[int, int]] = []
+        after = made.render_streaming(batch, lambda i, f: serial.append((i, len(f))))
+    finally:
+        made.close()
+    # Both chunks start a turn: frame 0 of each, then frames 1-3 of each, then the rest.
+    assert handed == serial == [(0, 1), (1, 1), (0, 4), (1, 4), (0, 8), (0, 12)]
+    assert models.audio.captured == []  # no graphs on the CPU
+    for mine, theirs in zip(ahead, after, strict=True):
+        np.testing.assert_array_equal(mine.frames, theirs.frames)
+        assert set(mine.stages) == set(theirs.stages) == {
+            "audio_features", "face", "inference", "decode", "paste"}
+        assert mine.stages["paste"] > 0 and mine.stages["decode"] > 0
+
+
 # --- CUDA ----------------------------------------------------------------------------
 
 
@@ -186,14 +210,22 @@ def test_a_turns_first_frames_stream_on_cuda_as_eager_renders_them(avatar: Avata
     models = random_tiny_models("cuda")
     made = renderer(avatar, models, **FAST, max_batch=1)
     made.warmup()
+    assert models.audio.captured == [1]  # the audio encoder's graph, beside the UNet's
     handed: list[npt.NDArray[Any]] = []
+    serial: list[npt.NDArray[Any]] = []
     try:
         (streamed,) = made.render_streaming([chunk(avatar)], lambda i, f: handed.append(f.copy()))
+        made.overlap = False  # the order before: a wait at each stage, paste planned after
+        (waited,) = made.render_streaming([chunk(avatar)], lambda i, f: serial.append(f.copy()))
     finally:
         made.close()
-    assert [len(f) for f in handed] == [1, 4, 8, 12]
+    assert [len(f) for f in handed] == [len(f) for f in serial] == [1, 4, 8, 12]
     for frames in handed:
         np.testing.assert_array_equal(frames, streamed.frames[: len(frames)])
+    np.testing.assert_array_equal(waited.frames, streamed.frames)
+    for result in (streamed, waited):  # every stage timed, from events or waits
+        assert all(result.stages[s] > 0 for s in ("audio_features", "inference", "decode",
+                                                  "paste")), result.stages
     (eager,) = frames_of(renderer(avatar, models, **FAST, cuda_graphs=False), [chunk(avatar)])
     assert np.abs(streamed.frames.astype(int) - eager).max() <= 2
 

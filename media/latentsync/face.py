@@ -362,14 +362,38 @@ def paste_faces(
 
     frames (N, H, W, 3) uint8 on the CPU; faces (N, 3, r, r) in [-1, 1] on the
     compute device; crop_affines (N, 2, 3) frame -> crop pixels; alpha (r, r).
-    Only a window around each face travels to the device and back.
+    Only a window around each face travels to the device and back. The same as
+    `plan_paste`, `blend_faces` and `write_windows` in turn (the renderer runs the
+    plan before the faces exist and the copy back asynchronously).
     """
+    plan = plan_paste(frames, crop_affines, has_face, faces.shape[-1], faces.device)
+    if plan is not None:
+        write_windows(frames, plan, blend_faces(plan, faces, alpha).cpu().numpy())
+
+
+@dataclass(frozen=True, slots=True)
+class PastePlan:
+    """Where the generated faces of N frames go, made before the faces exist: per pasted
+    face its index among the N and its window's corner (one window size for all), and on
+    the device each window's sampling grid in crop coordinates and its background."""
+
+    index: list[int]  # which of the N frames have a face on screen
+    corners: list[tuple[int, int]]  # (x, y) of each window in its frame
+    grid: torch.Tensor  # (M, hh, ww, 2) float32: grid_sample's [-1, 1] crop coordinates
+    background: torch.Tensor  # (M, 3, hh, ww) float32: the windows' pixels before the paste
+
+
+def plan_paste(frames: Frames, crop_affines: Affine, has_face: npt.NDArray[np.bool_],
+               r: int, device: torch.device) -> PastePlan | None:
+    """The paste-back of crops of `r` px into `frames` (N, H, W, 3) uint8, whose pixels are
+    the background; None when no face is on screen. On CUDA the host-to-device copies
+    come from pinned memory without waiting for the device's queued work, so a plan made
+    while the device runs the UNet does not wait for it."""
     n, height, width = frames.shape[:3]
-    r = faces.shape[-1]
     found = [(i, box) for i in range(n) if has_face[i]
              for box in [_face_box(crop_affines[i], r, width, height)] if box is not None]
     if not found:
-        return
+        return None
     idx = [i for i, _ in found]
     hh = max(y1 - y0 for _, (_, y0, _, y1) in found)
     ww = max(x1 - x0 for _, (x0, _, x1, _) in found)
@@ -377,9 +401,8 @@ def paste_faces(
     corners = [(min(x0, width - ww), min(y0, height - hh)) for _, (x0, y0, _, _) in found]
     windows = np.stack([frames[i, y : y + hh, x : x + ww]
                         for i, (x, y) in zip(idx, corners, strict=True)])  # (M, hh, ww, 3)
-    device = faces.device
-    origin = torch.tensor(corners, dtype=torch.float32, device=device)  # (M, 2) x, y
-    affine = torch.from_numpy(crop_affines[idx]).to(device, torch.float32)  # (M, 2, 3)
+    origin = to_device(np.array(corners, np.float32), device)  # (M, 2) x, y
+    affine = to_device(np.ascontiguousarray(crop_affines[idx], np.float32), device)  # (M, 2, 3)
     ys, xs = torch.meshgrid(torch.arange(hh, device=device, dtype=torch.float32),
                             torch.arange(ww, device=device, dtype=torch.float32), indexing="ij")
     # Homogeneous frame pixel centres of each window (M, hh, ww, 3) -> crop pixels (M, hh, ww, 2).
@@ -387,16 +410,38 @@ def paste_faces(
     points[..., :2] += origin[:, None, None, :]
     crop_xy = points @ affine.transpose(1, 2)[:, None]  # (M, hh, ww, 2)
     grid = (2 * crop_xy + 1) / r - 1  # grid_sample's [-1, 1] with align_corners=False
-    pixels = ((faces[idx].float() / 2 + 0.5).clamp(0, 1) * 255)  # (M, 3, r, r)
-    rgba = torch.cat([pixels, alpha.float().expand(len(idx), 1, r, r)], dim=1)  # (M, 4, r, r)
-    warped = F.grid_sample(rgba, grid, mode="bilinear", padding_mode="zeros",
+    background = to_device(windows, device).permute(0, 3, 1, 2).float()  # (M, 3, hh, ww)
+    return PastePlan(idx, corners, grid, background)
+
+
+def blend_faces(plan: PastePlan, faces: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """faces (N, 3, r, r) in [-1, 1] on the device, alpha (r, r) -> the pasted windows
+    (M, hh, ww, 3) uint8 on the device (queued; nothing waits)."""
+    m, r = len(plan.index), faces.shape[-1]
+    pixels = ((faces[plan.index].float() / 2 + 0.5).clamp(0, 1) * 255)  # (M, 3, r, r)
+    rgba = torch.cat([pixels, alpha.float().expand(m, 1, r, r)], dim=1)  # (M, 4, r, r)
+    warped = F.grid_sample(rgba, plan.grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False)  # (M, 4, hh, ww)
     a = warped[:, 3:]  # (M, 1, hh, ww)
-    background = torch.from_numpy(windows).to(device).permute(0, 3, 1, 2).float()  # (M, 3, hh, ww)
-    blended = a * warped[:, :3] + (1 - a) * background
-    out = blended.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for k, (i, (x, y)) in enumerate(zip(idx, corners, strict=True)):
-        frames[i, y : y + hh, x : x + ww] = out[k]
+    blended = a * warped[:, :3] + (1 - a) * plan.background
+    return blended.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def write_windows(frames: Frames, plan: PastePlan, windows: npt.NDArray[np.uint8]) -> None:
+    """Put `blend_faces`'s windows (M, hh, ww, 3), on the host, into their frames."""
+    hh, ww = windows.shape[1:3]
+    for k, (i, (x, y)) in enumerate(zip(plan.index, plan.corners, strict=True)):
+        frames[i, y : y + hh, x : x + ww] = windows[k]
+
+
+def to_device(array: npt.NDArray[np.generic], device: torch.device) -> torch.Tensor:
+    """A host array on `device`. To CUDA through pinned memory without blocking: the copy
+    is queued behind the device's work and the host goes on (the pinned buffer is held
+    until the copy is done by torch's caching host allocator)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _face_box(affine: Affine, r: int, width: int, height: int) -> tuple[int, int, int, int] | None:

@@ -34,6 +34,7 @@ first chunks that meet a frame encode it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import time
@@ -59,9 +60,12 @@ from media.latentsync.face import (
     AvatarFaces,
     CropMasks,
     FaceInputs,
+    PastePlan,
+    blend_faces,
     blend_inputs,
     crop_masks,
-    paste_faces,
+    plan_paste,
+    write_windows,
 )
 from media.latentsync.pipeline import (
     CHUNK_FRAMES,
@@ -272,6 +276,13 @@ class LatentSyncRenderer:
     `resolution` then overrides the crop size.
     """
 
+    # Host work beside the device's: the paste-back's host part (backgrounds, where the
+    # faces go) runs while the device denoises, every stage is queued without a wait
+    # (stage times from CUDA events) and pasted windows come back through pinned memory.
+    # False: the order before (a wait at every stage's end, the paste planned after its
+    # decode); benchmarks set it to measure the difference.
+    overlap = True
+
     def __init__(
         self,
         avatars: Callable[[str], Avatar],
@@ -312,6 +323,7 @@ class LatentSyncRenderer:
         masks = crop_masks(self.resolution, models.codec.downsample, models.device)
         self._loaded: _Loaded | None = _Loaded(models, denoiser, masks, turn_start)
         self._seed = config.seed
+        self._graphs = config.cuda_graphs and models.device.type == "cuda"
         self._lock = threading.Lock()
         self._caps = RendererCapabilities(
             name="latentsync",
@@ -346,7 +358,8 @@ class LatentSyncRenderer:
         """Run one synthetic chunk through every stage (encode, audio, UNet, decode, paste)
         so the first real chunk pays no first-call costs. Its frames are silent: the audio
         encoder runs once for the features of silence, which every turn's tail needs.
-        A CUDA-graph predictor first captures its graphs for every batch size."""
+        With CUDA graphs, the audio encoder (1 to max_batch windows) and the UNet
+        predictor (every batch size) are captured first."""
         with self._lock, torch.inference_mode():
             core = self._core()
             with device_scope(core.models.device):
@@ -360,13 +373,21 @@ class LatentSyncRenderer:
                 silent = np.zeros(required_samples(CHUNK_FRAMES, WARMUP_FPS), np.float32)
                 audio = audio_conditioning(models, [AudioRequest(
                     chunk_audio(silent, 0, CHUNK_FRAMES, WARMUP_FPS, False), speech)])
+                if self._graphs:  # the audio encoder of 1 to max_batch windows (30 s each)
+                    models.audio.capture(range(1, self._caps.max_batch + 1))
                 for denoiser in core.denoisers():
                     self._capture_graphs(denoiser, latents.shape, audio.shape)
                     out = denoiser.denoise(core.masks.latent, latents, latents, audio)
                 pictures = core.denoiser.decode(out[0].permute(1, 0, 2, 3))  # (F, 3, r, r)
                 frame = np.full((1, 2 * r, 2 * r, 3), 127, np.uint8)
                 centred = np.array([[[1.0, 0.0, -r / 2], [0.0, 1.0, -r / 2]]])
-                paste_faces(frame, pictures[:1], centred, np.ones(1, bool), core.masks.paste_alpha)
+                # The paste-back as `_render` runs it: pinned copies both ways, an event.
+                plan = plan_paste(frame, centred, np.ones(1, bool), r, models.device)
+                assert plan is not None
+                windows, copied = _to_host(blend_faces(plan, pictures[:1], core.masks.paste_alpha))
+                if copied is not None:
+                    copied.synchronize()
+                write_windows(frame, plan, windows.numpy())
 
     def render(self, batch: Sequence[RenderChunk]) -> list[RenderResult]:
         return self._render_batch(batch, None)
@@ -463,19 +484,21 @@ class LatentSyncRenderer:
 
     def _render(self, core: _Loaded, batch: Sequence[RenderChunk],
                 on_frames: FrameSink | None = None) -> list[RenderResult]:
-        t0 = time.perf_counter()
+        device = core.models.device
+        clock = _StageClock(device, sync=not self.overlap)
         plans = [self._plan(core, chunk) for chunk in batch]
+        clock.mark(None)
         audio = audio_conditioning(core.models, [p.audio for p in plans])  # (B*16, S, C)
-        t1 = self._sync(core)
+        clock.mark("audio_features")
         inputs = [self._face_inputs(p) for p in plans]
         masked = torch.stack([i.masked for i in inputs]).transpose(1, 2)  # (B, C, 16, h, w)
         reference = torch.stack([i.reference for i in inputs]).transpose(1, 2)
-        t2 = self._sync(core)
+        clock.mark("face")
         denoiser = core.denoiser
         if core.turn_start is not None and any(p.chunk.first_frame == 0 for p in plans):
             denoiser = core.turn_start
         latents = denoiser.denoise(core.masks.latent, masked, reference, audio)
-        t3 = self._sync(core)
+        clock.mark("inference")
         counts = [len(p.chunk.frames) for p in plans]
         # Decode stages: per chunk, its (start, end) frame ranges, each pasted (and for a
         # streaming chunk handed over) as a piece. A streaming chunk (a turn's first) has
@@ -484,33 +507,75 @@ class LatentSyncRenderer:
         streams = [on_frames is not None and p.chunk.first_frame == 0 for p in plans]
         outputs = [np.empty((n, p.avatar.height, p.avatar.width, 3), np.uint8)
                    for p, n in zip(plans, counts, strict=True)]
-        timer = _StageTimer()
-        pieces: list[list[tuple[int, tuple[int, int]]]] = [[] for _ in range(LEAD_PIECES + 1)]
+        stages: list[list[_Piece]] = [[] for _ in range(LEAD_PIECES + 1)]
         for b, n in sorted(enumerate(counts), key=lambda bn: not streams[bn[0]]):
-            for i, piece in enumerate(stream_pieces(n) if streams[b] else [(0, n)]):
-                pieces[min(i, LEAD_PIECES) if streams[b] else -1].append((b, piece))
-        for stage in pieces:
+            for i, (a, e) in enumerate(stream_pieces(n) if streams[b] else [(0, n)]):
+                handed = on_frames is not None and streams[b] and e < n
+                stages[min(i, LEAD_PIECES) if streams[b] else -1].append(_Piece(b, a, e, handed))
+        r = self.resolution
+
+        def plan_pieces(pieces: list[_Piece]) -> None:
+            """The host's paste-back work before the faces: backgrounds, where faces go."""
+            start = time.perf_counter()
+            for piece in pieces:
+                plan, face = plans[piece.chunk], inputs[piece.chunk]
+                frames = outputs[piece.chunk][piece.start : piece.end]
+                for out, spec in zip(frames, plan.chunk.frames[piece.start : piece.end],
+                                     strict=True):
+                    source_picture(plan.avatar, spec, out)
+                piece.plan = plan_paste(frames, face.crop_affines[piece.start : piece.end],
+                                        face.has_face[piece.start : piece.end], r, device)
+            clock.add_host("paste", time.perf_counter() - start)
+
+        def hand_over(piece: _Piece) -> None:
+            """Wait for the piece's pasted windows, write them into its frames, hand over."""
+            start = time.perf_counter()
+            if piece.plan is not None and piece.windows is not None:
+                if piece.copied is not None:
+                    piece.copied.synchronize()
+                write_windows(outputs[piece.chunk][piece.start : piece.end], piece.plan,
+                              piece.windows.numpy())
+            clock.add_host("paste", time.perf_counter() - start, always=True)
+            if on_frames is not None and piece.handed:
+                on_frames(piece.chunk, outputs[piece.chunk][: piece.end])
+
+        # With a device to overlap, the host plans every piece while the device denoises
+        # (the host is ahead of it: nothing above waited for the UNet).
+        ahead = self.overlap and device.type == "cuda"
+        if ahead:
+            plan_pieces([piece for stage in stages for piece in stage])
+            clock.mark("paste")
+        queued: list[_Piece] = []
+        for stage in stages:
             if not stage:
                 continue
-            with timer("decode"):  # one decode call (DECODE_BATCH frames a pass) per stage
-                real = torch.cat([latents[b, :, a:e].transpose(0, 1) for b, (a, e) in stage])
-                pictures = core.denoiser.decode(real)  # (frames, 3, r, r) in [-1, 1]
-                self._sync(core)
-            start = 0
-            for b, (a, e) in stage:
-                plan, face = plans[b], inputs[b]
-                with timer("paste"):
-                    frames = outputs[b][a:e]
-                    for out, spec in zip(frames, plan.chunk.frames[a:e], strict=True):
-                        source_picture(plan.avatar, spec, out)
-                    paste_faces(frames, pictures[start : start + e - a], face.crop_affines[a:e],
-                                face.has_face[a:e], core.masks.paste_alpha)
-                start += e - a
-                if on_frames is not None and streams[b] and e < counts[b]:
-                    on_frames(b, outputs[b][:e])
-        stages = {"audio_features": t1 - t0, "face": t2 - t1, "inference": t3 - t2,
-                  "decode": timer.seconds["decode"], "paste": timer.seconds["paste"]}
-        return [RenderResult(key=p.chunk.key, frames=f, stages=dict(stages))
+            # One decode call (DECODE_BATCH frames a pass) per stage.
+            real = torch.cat([latents[p.chunk, :, p.start : p.end].transpose(0, 1)
+                              for p in stage])
+            pictures = core.denoiser.decode(real)  # (frames, 3, r, r) in [-1, 1]
+            clock.mark("decode")
+            if not ahead:
+                plan_pieces(stage)
+            first = 0
+            for piece in stage:
+                size = piece.end - piece.start
+                if piece.plan is not None:
+                    windows = blend_faces(piece.plan, pictures[first : first + size],
+                                          core.masks.paste_alpha)
+                    piece.windows, piece.copied = _to_host(windows)
+                first += size
+            clock.mark("paste")
+            queued.extend(stage)
+            # A stage of a turn's lead frames is handed over as soon as it is done, before
+            # the next stage is queued; the rest wait until every stage is queued.
+            if not self.overlap or any(piece.handed for piece in stage):
+                for piece in queued:
+                    hand_over(piece)
+                queued.clear()
+        for piece in queued:
+            hand_over(piece)
+        seconds = clock.seconds()
+        return [RenderResult(key=p.chunk.key, frames=f, stages=dict(seconds))
                 for p, f in zip(plans, outputs, strict=True)]
 
     def _plan(self, core: _Loaded, chunk: RenderChunk) -> _ChunkPlan:
@@ -549,13 +614,6 @@ class LatentSyncRenderer:
                             for s in plan.specs])
         return blend_inputs(first, second, weights)
 
-    @staticmethod
-    def _sync(core: _Loaded) -> float:
-        """Now, after the device's queued work (so stage times are the stages' own)."""
-        if core.models.device.type == "cuda":
-            torch.cuda.synchronize(core.models.device)
-        return time.perf_counter()
-
 
 def _pick_device(device: torch.device | str | None) -> torch.device:
     if device is not None:
@@ -566,16 +624,76 @@ def _pick_device(device: torch.device | str | None) -> torch.device:
     return torch.device("cuda", 0)
 
 
-class _StageTimer:
-    """Seconds spent in named stages, summed over their pieces."""
+@dataclass(eq=False, slots=True)
+class _Piece:
+    """Frames [start, end) of a batch's chunk, pasted (and maybe handed over) together."""
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {"decode": 0.0, "paste": 0.0}
+    chunk: int
+    start: int
+    end: int
+    handed: bool  # goes to the sink before the call returns
+    plan: PastePlan | None = None
+    windows: torch.Tensor | None = None  # the pasted windows on the host (maybe still copying)
+    copied: torch.cuda.Event | None = None  # set when `windows` has arrived
 
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+def _to_host(windows: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A device tensor's copy on the host and, on CUDA, the event of its arrival: the copy
+    goes into pinned memory behind the queued work, and nothing waits for it here."""
+    if windows.device.type != "cuda":
+        return windows.cpu(), None
+    host = torch.empty(windows.shape, dtype=windows.dtype, pin_memory=True)
+    host.copy_(windows, non_blocking=True)
+    done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    done.record()
+    return host, done
+
+
+class _StageClock:
+    """Seconds per stage of one batch (`RenderResult.stages`).
+
+    `mark(stage)` ends a span of the stream's work at the current point and books it to
+    `stage` (None: untimed). On CUDA the marks are events recorded in the stream, so
+    timing waits for nothing (a span is the device's time for the work queued in it;
+    `sync` waits at every mark instead, as the renderer used to); elsewhere they are host
+    clock readings. `add_host` books host work done outside the spans (on CUDA, work done
+    while the device runs; `always`: also elsewhere)."""
+
+    STAGES = ("audio_features", "face", "inference", "decode", "paste")
+
+    def __init__(self, device: torch.device, sync: bool = False) -> None:
+        self.cuda = device.type == "cuda"
+        self.sync = sync
+        self._marks: list[tuple[str | None, torch.cuda.Event | float]] = []
+        self._host = dict.fromkeys(self.STAGES, 0.0)
+
+    def mark(self, stage: str | None) -> None:
+        if not self.cuda:
+            self._marks.append((stage, time.perf_counter()))
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        event.record()
+        self._marks.append((stage, event))
+
+    def add_host(self, stage: str, seconds: float, always: bool = False) -> None:
+        if self.cuda or always:
+            self._host[stage] += seconds
+
+    def seconds(self) -> dict[str, float]:
+        """Every stage's seconds; on CUDA waits for the last mark's work."""
+        out = dict(self._host)
+        if self.cuda and self._marks:
+            last = self._marks[-1][1]
+            assert isinstance(last, torch.cuda.Event)
+            last.synchronize()
+        for (_, begin), (stage, end) in itertools.pairwise(self._marks):
+            if stage is None:
+                continue
+            if isinstance(begin, torch.cuda.Event) and isinstance(end, torch.cuda.Event):
+                out[stage] += begin.elapsed_time(end) / 1000
+            else:
+                assert isinstance(begin, float) and isinstance(end, float)
+                out[stage] += end - begin
+        return out
