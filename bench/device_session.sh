@@ -74,8 +74,8 @@ for arg in "$@"; do
         step compile "$limit" $BENCH --sections compile --compile-dynamic ${COMPILE_FLAGS:-} \
             --compile-batches 1,8 --budget-s $((limit - 150)) --out "$OUT/compile.md"
         ;;
-    first)  # a turn's first chunk through the renderer (FIRST_RUNNERS: graphs,compiled)
-        step first "$limit" python3 -m bench.first_frame --runners "${FIRST_RUNNERS:-graphs,compiled}" \
+    first)  # a turn's first chunk through the renderer (FIRST_RUNNERS: graphs,compiled; FIRST_REPS)
+        step first "$limit" python3 -m bench.first_frame --runners "${FIRST_RUNNERS:-graphs,compiled}" --reps "${FIRST_REPS:-5}" \
             --out "$OUT"
         ;;
     serve-aot)

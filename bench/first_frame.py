@@ -78,6 +78,11 @@ RUNNERS: dict[str, dict[str, Any]] = {
     "graphs": {"cuda_graphs": True},
     "compiled": {"cuda_graphs": True, "compile": True},
 }
+# Runners that also change the UNet's kernels (`set_kernels`) after the renderer applied
+# its own: the compiled path with the timestep table (session 11).
+KERNELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "compiled+ttab": ("compiled", {"timestep_table": True}),
+}
 
 
 class GcPauses:
@@ -116,13 +121,13 @@ def turn_start(avatar: Avatar, turn: int) -> RenderChunk:
     return RenderChunk(ChunkKey("bench", f"t{turn}", 0), avatar.id, specs, 0, audio, FPS)
 
 
-def measure(renderer: LatentSyncRenderer, avatar: Avatar, reps: int, pauses: GcPauses
-            ) -> dict[str, list[float]]:
+def measure(renderer: LatentSyncRenderer, avatar: Avatar, reps: int, pauses: GcPauses,
+            turn: int = 0) -> dict[str, list[float]]:
     """Per rep: whole-chunk time, streaming first frame, streaming chunk time, slack (ms)."""
     out: dict[str, list[float]] = {"whole": [], "first": [], "done": [], "slack": [],
-                                   "unet": [], "features": [], "face": [], "after": [],
-                                   "gc": []}
-    for rep in range(reps):
+                                   "unet": [], "features": [], "face": [], "decode": [],
+                                   "after": [], "gc": []}
+    for rep in range(turn, turn + reps):
         chunk = turn_start(avatar, rep)
         t0 = time.perf_counter()
         renderer.render([chunk])
@@ -147,6 +152,7 @@ def measure(renderer: LatentSyncRenderer, avatar: Avatar, reps: int, pauses: GcP
         out["unet"].append(1000 * stages["inference"])
         out["features"].append(1000 * stages["audio_features"])
         out["face"].append(1000 * stages["face"])
+        out["decode"].append(1000 * stages["decode"])
         before = stages["audio_features"] + stages["face"] + stages["inference"]
         out["after"].append(1000 * (first - t0 - before))
         out["gc"].append(1000 * pauses.total)
@@ -165,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny random models on the CPU")
     p.add_argument("--out", type=Path, default=Path("out/first_frame"))
-    p.add_argument("--runners", default="compiled", help=f"comma-separated: {','.join(RUNNERS)}")
+    p.add_argument("--runners", default="compiled",
+                   help=f"comma-separated: {','.join([*RUNNERS, *KERNELS])}")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--avatar-size", type=int, default=512)
     args = p.parse_args(argv)
@@ -180,11 +187,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     pauses = GcPauses()
     for name in args.runners.split(","):
-        settings = {} if args.tiny else RUNNERS[name]
+        base, kernels = KERNELS.get(name, (name, {}))
+        settings = {} if args.tiny else RUNNERS[base]
         config = LatentSyncConfig(max_batch=1, compile_cache_dir=folder / "inductor",
                                   **settings)
         renderer = LatentSyncRenderer.from_models(lambda _: avatar, models, config,
                                                   resolution=resolution)
+        models.unet.set_kernels(**kernels)
         t0 = time.perf_counter()
         renderer.prepare_avatar(avatar.id)
         prepared = time.perf_counter() - t0
@@ -193,19 +202,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         warm = time.perf_counter() - t0
         log(f"{name}: avatar prepared in {prepared:.1f} s, warm-up (compile, capture)"
             f" {warm:.1f} s")
-        for variant, (overlap, audio_graphs) in VARIANTS.items():
-            renderer.overlap = overlap
-            models.audio.use_graphs = audio_graphs
-            m = measure(renderer, avatar, args.reps, pauses)
+        # The variants take turns, one rep each, so that a drift of the card's speed over
+        # the run (clocks, heat) is shared by all of them.
+        runs: dict[str, dict[str, list[float]]] = {}
+        for rep in range(args.reps):
+            for variant, (overlap, audio_graphs) in VARIANTS.items():
+                renderer.overlap = overlap
+                models.audio.use_graphs = audio_graphs
+                m = measure(renderer, avatar, 1, pauses, turn=rep)
+                for key, values in m.items():
+                    runs.setdefault(variant, {}).setdefault(key, []).extend(values)
+        for variant, m in runs.items():
             rows.append([f"{name}, {variant}", fmt(m["whole"]),
                          fmt(m["first"]), fmt(m["done"]), fmt(m["slack"]), fmt(m["features"]),
-                         fmt(m["face"]), fmt(m["unet"]), fmt(m["after"]), fmt(m["gc"]),
-                         f"{warm:.0f}"])
+                         fmt(m["face"]), fmt(m["unet"]), fmt(m["decode"]), fmt(m["after"]),
+                         fmt(m["gc"]), f"{warm:.0f}"])
             log(" | ".join(rows[-1]))
         renderer.close()
+        models.unet.set_kernels(**{k: False for k in kernels})
     header = ["runner", "whole chunk ms (render)", "first frame ms (streaming)",
               "chunk done ms (streaming)", "cadence slack ms", "audio features ms", "face ms",
-              "UNet ms", "UNet end -> first frame ms", "GC pauses ms", "warm-up s"]
+              "UNet ms", "decode ms (all stages)", "UNet end -> first frame ms", "GC pauses ms",
+              "warm-up s"]
     text = (f"# A turn's first chunk, audio available -> first frame out: {card}\n\n"
             f"Machine: {describe()}; torch {torch.__version__}; {str(dtype)[6:]}; random"
             f" weights; {resolution} px crops of a {args.avatar_size} px avatar; exact settings"

@@ -68,7 +68,8 @@ PART_TYPES = (ResnetBlock3D, SpatialTransformer, MotionModule)
 # Variant name -> set_kernels arguments and cudnn.benchmark.
 VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "default": ({"channels_last": False, "temporal_attention": "sdpa", "pointwise_linear": False,
-                 "packed_qkv": False, "padded_convs": False, "fused_geglu": False}, False),
+                 "packed_qkv": False, "padded_convs": False, "fused_geglu": False,
+                 "timestep_table": False}, False),
     "cl": ({"channels_last": True, "temporal_attention": "sdpa"}, False),
     "math": ({"channels_last": False, "temporal_attention": "math"}, False),
     "cl+math": ({"channels_last": True, "temporal_attention": "math"}, False),
@@ -112,6 +113,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
                              "packed_qkv": True}, False),
     "cl+triton+qkv+bfuse": ({"channels_last": True, "temporal_attention": "triton",
                              "packed_qkv": True}, False),
+    # session 11: every resnet's time projection gathered from a table (one kernel)
+    "cl+triton+qkv+ttab": ({"channels_last": True, "temporal_attention": "triton",
+                            "packed_qkv": True, "timestep_table": True}, False),
 }
 # Compiled variants whose name ends so also get these Inductor options.
 INDUCTOR_OPTIONS: dict[str, dict[str, Any]] = {

@@ -235,11 +235,11 @@ def test_capture_does_nothing_off_cuda() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_captured_encoder_gives_the_modules_features(
-    fixture_paths: tuple[Path, Path]
-) -> None:
-    extractor = AudioFeatureExtractor.from_checkpoint(
-        fixture_paths[0], device="cuda", dtype=torch.float16)
+def test_captured_encoder_gives_the_modules_features() -> None:
+    torch.manual_seed(0)
+    encoder = WhisperEncoder(WhisperEncoderConfig())  # Whisper tiny's shape, random weights
+    encoder.positional_embedding.copy_(sinusoids(encoder.config.n_ctx, encoder.config.width))
+    extractor = AudioFeatureExtractor(encoder, device="cuda", dtype=torch.float16)
     turn = speechlike(3.0, seed=5)
     chunks = [ChunkAudio(turn[: required_samples(16 * (k + 1), FPS)], 16 * k, 16, FPS)
               for k in range(2)]

@@ -112,6 +112,8 @@ def test_timestep_as_number_or_batch(
          "packed_qkv": True, "padded_convs": True, "fused_geglu": True},
         {"channels_last": False, "temporal_attention": "sdpa", "pointwise_linear": True,
          "packed_qkv": True, "padded_convs": True, "fused_geglu": True},
+        {"channels_last": True, "temporal_attention": "math", "packed_qkv": True,
+         "timestep_table": True},
     ],
 )
 def test_kernel_choices_reproduce_the_reference(
@@ -123,7 +125,8 @@ def test_kernel_choices_reproduce_the_reference(
     model = load_unet(tiny_config, fixtures / "tiny_unet_weights.safetensors")
     model.set_kernels(**kernels)
     assert model.kernels() == {"pointwise_linear": False, "packed_qkv": False,
-                               "padded_convs": False, "fused_geglu": False, **kernels}
+                               "padded_convs": False, "fused_geglu": False,
+                               "timestep_table": False, **kernels}
     layouts = []
     if kernels["channels_last"]:
         def record(module: torch.nn.Module, args: tuple) -> None:
@@ -139,10 +142,37 @@ def test_kernel_choices_reproduce_the_reference(
     assert relative_error(out, golden["expected"]) < FAITHFUL_RELATIVE_ERROR
     assert all(layouts) and (len(layouts) > 50) == kernels["channels_last"]
     model.set_kernels(channels_last=False, temporal_attention="sdpa", pointwise_linear=False,
-                      packed_qkv=False, padded_convs=False, fused_geglu=False)
+                      packed_qkv=False, padded_convs=False, fused_geglu=False,
+                      timestep_table=False)
     assert relative_error(run(model, golden), golden["expected"]) < FAITHFUL_RELATIVE_ERROR
     with pytest.raises(ValueError, match="temporal_attention must be one of"):
         model.set_kernels(temporal_attention="flash")
+
+
+def test_timestep_table_gathers_what_the_time_embedding_computes(
+    fixtures: Path, tiny_config: UNetConfig, golden: dict[str, torch.Tensor]
+) -> None:
+    """Each table row holds every resnet's time projection of that timestep: the plain
+    forward's output at the sampler's timesteps (as a number, a CPU tensor, a per-item
+    tensor), and a timestep the table lacks is refused rather than rounded."""
+    model = load_unet(tiny_config, fixtures / "tiny_unet_weights.safetensors")
+    version = model.weights_version
+    batch = golden["sample"].shape[0]
+    with torch.inference_mode():
+        plain = [model(golden["sample"], t, golden["audio"]) for t in (981, 1)]
+        model.set_kernels(timestep_table=True)
+        assert model.weights_version == version + 1  # a new tensor: graphs capture again
+        assert model.time_table is not None and model.time_table.shape[0] == 1000
+        for t, expected in zip((981, 1), plain, strict=True):
+            for given in (t, torch.tensor(t), torch.full((batch,), t)):
+                out = model(golden["sample"], given, golden["audio"])
+                assert relative_error(out, expected) < 1e-5  # GEMM order only (3e-6)
+        for bad in (0.5, 1000, -1):
+            with pytest.raises(ValueError, match="not in the timestep table"):
+                model(golden["sample"], bad, golden["audio"])
+        model.set_kernels(timestep_table=False)
+        assert model.time_table is None and model.weights_version == version + 2
+        assert torch.equal(model(golden["sample"], 981, golden["audio"]), plain[0])
 
 
 def test_runs_in_bfloat16(
@@ -213,7 +243,7 @@ def test_config_rejects_unknown_and_unsupported_values(fixtures: Path) -> None:
         {"channels_last": False, "temporal_attention": "sdpa"},
         {"channels_last": True, "temporal_attention": "math"},
         {"channels_last": True, "temporal_attention": "math", "pointwise_linear": True,
-         "packed_qkv": True, "padded_convs": True},
+         "packed_qkv": True, "padded_convs": True, "timestep_table": True},
     ],
 )
 def test_guided_forward_computes_the_pair_of_the_plain_one(

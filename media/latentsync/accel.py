@@ -331,6 +331,7 @@ COMPILED_KERNELS: dict[str, Any] = {
     "packed_qkv": True,
     "padded_convs": False,
     "fused_geglu": False,
+    "timestep_table": False,
 }
 
 

@@ -205,7 +205,9 @@ def compiled_kernels(config: LatentSyncConfig, models: LatentSyncModels
                      ) -> dict[str, Any] | None:
     """The UNet's execution choices for compiled forwards: `accel.COMPILED_KERNELS` with
     `frame_attention`'s kernel on CUDA ("auto": the Triton kernel where Triton is
-    installed); None (the defaults) elsewhere."""
+    installed) and, when compiling (not for `aot`: its artifacts take the weights as
+    inputs, and the table is not a weight), the timestep table; None (the defaults)
+    elsewhere."""
     if models.device.type != "cuda":
         return None
     if config.frame_attention == "auto":
@@ -215,7 +217,8 @@ def compiled_kernels(config: LatentSyncConfig, models: LatentSyncModels
     if temporal == "triton" and not frame_attention.AVAILABLE:
         raise ConfigError("renderer.latentsync.frame_attention: 'triton' needs Triton (CUDA"
                           " builds of torch ship it); use 'matmul'")
-    return {**accel.COMPILED_KERNELS, "temporal_attention": temporal}
+    return {**accel.COMPILED_KERNELS, "temporal_attention": temporal,
+            "timestep_table": config.compile and not config.aot}
 
 
 def use_compile_cache(path: Path) -> None:

@@ -34,11 +34,13 @@ from media.latentsync.unet_blocks import (
     BasicTransformerBlock,
     DownBlock3D,
     MidBlock3D,
+    ResnetBlock3D,
     SpatialTransformer,
     UpBlock3D,
 )
 
 TEMPORAL_ATTENTION_KERNELS = ("sdpa", "math", "inline", "triton")
+TIME_TABLE_STEPS = 1000  # LatentSync's schedulers' training timesteps (num_train_timesteps)
 
 
 @dataclass(slots=True)
@@ -141,6 +143,9 @@ class UNet3DConditionModel(nn.Module):
         self.register_buffer("conv_in_padded", None, persistent=False)
         self.register_buffer("conv_out_padded", None, persistent=False)
         self.register_buffer("conv_out_bias_padded", None, persistent=False)
+        # timestep_table: (TIME_TABLE_STEPS, sum of the resnets' C_out), not in the state dict
+        self.time_table: torch.Tensor | None
+        self.register_buffer("time_table", None, persistent=False)
         # Bumped whenever set_kernels moves weights to new memory: CUDA graphs captured
         # before then read freed memory (GraphPredictor recaptures when it changes).
         self.weights_version = 0
@@ -150,7 +155,8 @@ class UNet3DConditionModel(nn.Module):
                     pointwise_linear: bool | None = None,
                     packed_qkv: bool | None = None,
                     padded_convs: bool | None = None,
-                    fused_geglu: bool | None = None) -> UNet3DConditionModel:
+                    fused_geglu: bool | None = None,
+                    timestep_table: bool | None = None) -> UNet3DConditionModel:
         """Execution choices that leave the weights' values and the math unchanged.
 
         channels_last: activations as (B, F, H, W, C) in memory (`channels_last_3d` of
@@ -173,8 +179,15 @@ class UNet3DConditionModel(nn.Module):
         loading new weights).
         fused_geglu: each transformer block's feed-forward GEGLU projection as one GEMM with
         the gating in its epilogue (`media.latentsync.geglu`, a Triton kernel on CUDA; the
-        reference computation elsewhere). `accel.COMPILED_KERNELS` names the choices that
-        paid off on an H100, and why the others did not. Returns self.
+        reference computation elsewhere).
+        timestep_table: every resnet's time projection, `time_emb_proj(silu(temb))`, for
+        each integer timestep 0 .. TIME_TABLE_STEPS - 1, computed once into a table
+        (TIME_TABLE_STEPS x the resnets' channels, about 40 MB in float16 at 256 px); a
+        call then gathers its timesteps' rows (one kernel for about 25 small GEMMs a call).
+        The samplers' timesteps are such integers; a timestep given as a number or a CPU
+        tensor is checked. Derived from the weights: set it again after loading new ones.
+        `accel.COMPILED_KERNELS` names the choices that paid off on an H100, and why the
+        others did not. Returns self.
         """
         if channels_last is not None:
             fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -222,6 +235,8 @@ class UNet3DConditionModel(nn.Module):
                 if isinstance(module, (BasicTransformerBlock, TemporalTransformerBlock)):
                     module.fused_geglu = fused_geglu
             self.fused_geglu = fused_geglu
+        if timestep_table is not None:
+            self._build_time_table(timestep_table)
         if padded_convs is not None or (channels_last is not None and self.padded_convs):
             # (again after a layout change: the padded copies take the weights' layout)
             self._pad_thin_convs(self.padded_convs if padded_convs is None else padded_convs)
@@ -234,7 +249,31 @@ class UNet3DConditionModel(nn.Module):
                 "pointwise_linear": self.pointwise_linear,
                 "packed_qkv": self.packed_qkv,
                 "padded_convs": self.padded_convs,
-                "fused_geglu": self.fused_geglu}
+                "fused_geglu": self.fused_geglu,
+                "timestep_table": self.time_table is not None}
+
+    def _resnets(self) -> list[ResnetBlock3D]:
+        return [m for m in self.modules() if isinstance(m, ResnetBlock3D)]
+
+    @torch.no_grad()
+    def _build_time_table(self, on: bool) -> None:
+        if on or self.time_table is not None:
+            self.weights_version += 1  # new (or freed) tensors: graphs must capture again
+        resnets = self._resnets()
+        if not on:
+            self.time_table = None
+            for block in resnets:
+                block.time_columns = None
+            return
+        weight = self.time_embedding.linear_1.weight
+        steps = torch.arange(TIME_TABLE_STEPS, device=weight.device)
+        temb = F.silu(self.time_embedding(self.time_proj(steps).to(weight.dtype)))
+        parts, start = [], 0
+        for block in resnets:
+            parts.append(block.time_emb_proj(temb))  # (steps, C_out)
+            block.time_columns = (start, start + parts[-1].shape[1])
+            start += parts[-1].shape[1]
+        self.time_table = torch.cat(parts, dim=1)  # (steps, sum of C_out)
 
     def _pad_thin_convs(self, padded: bool) -> None:
         if padded or self.padded_convs:
@@ -312,8 +351,13 @@ class UNet3DConditionModel(nn.Module):
         # Time embedding. The sinusoid is float32; cast to the weights' dtype (fp16/bf16
         # weights would otherwise receive a float32 input).
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)  # (B,)
-        t_emb = self.time_proj(t).to(self.time_embedding.linear_1.weight.dtype)  # (B, C0)
-        temb: torch.Tensor = self.time_embedding(t_emb)  # (B, 4*C0)
+        temb: torch.Tensor
+        if self.time_table is not None:  # every resnet's projection, gathered (B, sum C_out)
+            _check_table_steps(timestep)
+            temb = self.time_table[t.long()]
+        else:
+            t_emb = self.time_proj(t).to(self.time_embedding.linear_1.weight.dtype)  # (B, C0)
+            temb = self.time_embedding(t_emb)  # (B, 4*C0)
 
         if self.channels_last:
             sample = sample.contiguous(memory_format=torch.channels_last_3d)
@@ -393,3 +437,14 @@ class UNet3DConditionModel(nn.Module):
         max_frames = cfg.motion_module_kwargs.temporal_position_encoding_max_len
         if cfg.use_motion_module and f > max_frames:
             raise ValueError(f"{f} frames exceed the motion modules' {max_frames} positions")
+
+
+def _check_table_steps(timestep: torch.Tensor | int | float) -> None:
+    """The timestep table covers integers 0 .. TIME_TABLE_STEPS - 1: a timestep on the
+    host is checked (one on the device is not: that would wait for it)."""
+    if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
+        return
+    values = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1)
+    if ((values != values.round()) | (values < 0) | (values >= TIME_TABLE_STEPS)).any():
+        raise ValueError(f"timestep {values.tolist()} is not in the timestep table (integers"
+                         f" 0 to {TIME_TABLE_STEPS - 1}); set_kernels(timestep_table=False)")

@@ -57,10 +57,19 @@ class ResnetBlock3D(nn.Module):
         )
         self.output_scale_factor = output_scale_factor
 
+    # (start, end) of this block's time projection in the UNet's timestep table rows
+    # (`UNet3DConditionModel.set_kernels(timestep_table=...)`); None: computed here.
+    time_columns: tuple[int, int] | None = None
+
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        # x: (B, C_in, F, H, W); temb: (B, T) -> (B, C_out, F, H, W)
+        # x: (B, C_in, F, H, W); temb: (B, T), or with `time_columns` the timestep table's
+        # rows (B, sum of the blocks' C_out) -> (B, C_out, F, H, W)
         h: torch.Tensor = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None, None]
+        if self.time_columns is None:
+            projected = self.time_emb_proj(F.silu(temb))
+        else:
+            projected = temb[:, self.time_columns[0] : self.time_columns[1]]
+        h = h + projected[:, :, None, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
         shortcut: torch.Tensor = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return (shortcut + h) / self.output_scale_factor
