@@ -320,6 +320,9 @@ class GraphPredictor:
 #   197 ms a step against 208 (the renderer picks the Triton kernel where it can:
 #   `renderer.compiled_kernels`);
 # - packed q/k/v projections: 1.4 ms a step less;
+# - the timestep table: a 1-chunk loop 5 ms shorter (491-496 against 496-501 ms; session
+#   11, bench/results/first_frame_h100.md run 5); off here, the renderer turns it on when
+#   compiling but not for AOT artifacts (`renderer.compiled_kernels`);
 # - not: the 1x1 convolutions as GEMMs (Inductor turns the up blocks' concatenated
 #   shortcuts into slow reductions: 21 ms more), zero-padded thin convolutions and the
 #   fused GEGLU kernel (its Triton GEMM runs at 280-480 TFLOP/s where cuBLAS runs at

@@ -14,7 +14,8 @@ renderer right after the UNet, not after the whole batch's decode and paste-back
 Weights come from `config.checkpoint_dir` (never downloaded):
 `latentsync_unet.pt` (v1.5 for 256 px, v1.6 for 512 px; the architecture is the
 packaged `configs/stage2*.json`), `whisper/tiny.pt` and `sd-vae-ft-mse/`.
-Calls are serialised (one GPU stream); stage times are those of the batch.
+Calls are serialised (one GPU stream); stage times are those of the batch (on CUDA
+the device's time for each stage's queued work, from events: nothing waits to time it).
 
 The sampler and the UNet runner come from config (`sampler`, `deepcache_interval`,
 `cuda_graphs`; the defaults are LatentSync's exact 20-step DDIM): see
@@ -97,8 +98,9 @@ RELEASES = {256: "ByteDance/LatentSync-1.5", 512: "ByteDance/LatentSync-1.6"}
 LOOKAHEAD_MS = 120  # covers the audio window's 92.5 ms past a chunk's end at 25 fps
 WARMUP_FPS = 25
 # Streaming: the first pieces of a turn's first chunk (`stream_pieces`: frame 0, then 1-3)
-# are decoded alone, each ahead of the rest of the batch (frame 0's decode and paste-back
-# take 11-15 ms on an H100); its other pieces share the batch's last decode.
+# are decoded alone, each ahead of the rest of the batch (frame 0 is out 7-8 ms after the
+# UNet on an H100, its paste-back planned during the UNet); its other pieces share the
+# batch's last decode.
 LEAD_PIECES = 2
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
