@@ -378,6 +378,7 @@ class PastePlan:
     the device each window's sampling grid in crop coordinates and its background."""
 
     index: list[int]  # which of the N frames have a face on screen
+    rows: torch.Tensor  # (M,) int64 on the device: `index`, for gathering the faces
     corners: list[tuple[int, int]]  # (x, y) of each window in its frame
     grid: torch.Tensor  # (M, hh, ww, 2) float32: grid_sample's [-1, 1] crop coordinates
     background: torch.Tensor  # (M, 3, hh, ww) float32: the windows' pixels before the paste
@@ -411,14 +412,17 @@ def plan_paste(frames: Frames, crop_affines: Affine, has_face: npt.NDArray[np.bo
     crop_xy = points @ affine.transpose(1, 2)[:, None]  # (M, hh, ww, 2)
     grid = (2 * crop_xy + 1) / r - 1  # grid_sample's [-1, 1] with align_corners=False
     background = to_device(windows, device).permute(0, 3, 1, 2).float()  # (M, 3, hh, ww)
-    return PastePlan(idx, corners, grid, background)
+    rows = to_device(np.array(idx, np.int64), device)  # (M,)
+    return PastePlan(idx, rows, corners, grid, background)
 
 
 def blend_faces(plan: PastePlan, faces: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """faces (N, 3, r, r) in [-1, 1] on the device, alpha (r, r) -> the pasted windows
     (M, hh, ww, 3) uint8 on the device (queued; nothing waits)."""
     m, r = len(plan.index), faces.shape[-1]
-    pixels = ((faces[plan.index].float() / 2 + 0.5).clamp(0, 1) * 255)  # (M, 3, r, r)
+    # (The device index: a host list would be copied with a wait for the stream.)
+    pixels = ((faces.index_select(0, plan.rows).float() / 2 + 0.5).clamp(0, 1)
+              * 255)  # (M, 3, r, r)
     rgba = torch.cat([pixels, alpha.float().expand(m, 1, r, r)], dim=1)  # (M, 4, r, r)
     warped = F.grid_sample(rgba, plan.grid, mode="bilinear", padding_mode="zeros",
                            align_corners=False)  # (M, 4, hh, ww)
