@@ -11,7 +11,7 @@
 # doctor (bench/aoti_doctor.py; DOCTOR_CASES, DOCTOR_RECIPES); parts, compiled
 # (bench/unet_parts.py; COMPILED_VARIANTS, COMPILED_SECTIONS, PARTS_BATCH); choices,
 # aot, tune, compile (bench/latentsync_bench.py; COMPILE_FLAGS, e.g. --compile-renderer);
-# first (bench/first_frame.py; FIRST_RUNNERS); serve-aot (bench/gpu_serve.py). A pytest
+# first (bench/first_frame.py; FIRST_RUNNERS); vae (bench/vae_decode.py); serve-aot (bench/gpu_serve.py). A pytest
 # step's summary comes last: give it room.
 set -u
 OUT=${OUT:-out/device}
@@ -74,16 +74,20 @@ for arg in "$@"; do
         step compile "$limit" $BENCH --sections compile --compile-dynamic ${COMPILE_FLAGS:-} \
             --compile-batches 1,8 --budget-s $((limit - 150)) --out "$OUT/compile.md"
         ;;
-    first)  # a turn's first chunk through the renderer (FIRST_RUNNERS: graphs,compiled; FIRST_REPS)
-        step first "$limit" python3 -m bench.first_frame --runners "${FIRST_RUNNERS:-graphs,compiled}" --reps "${FIRST_REPS:-5}" \
+    first)  # a turn's first chunk through the renderer (FIRST_RUNNERS: graphs,compiled; FIRST_REPS; FIRST_FLAGS, e.g. --profile)
+        step first "$limit" python3 -m bench.first_frame --runners "${FIRST_RUNNERS:-graphs,compiled}" --reps "${FIRST_REPS:-5}" ${FIRST_FLAGS:-} \
             --out "$OUT"
+        ;;
+    vae)  # the VAE decode by layout and execution (VAE_VARIANTS, VAE_FRAMES)
+        step vae "$limit" python3 -m bench.vae_decode ${VAE_VARIANTS:+--variants "$VAE_VARIANTS"} \
+            ${VAE_FRAMES:+--frames "$VAE_FRAMES"} --out "$OUT"
         ;;
     serve-aot)
         step serve-aot "$limit" python3 -m bench.gpu_serve --aot /tmp/aoti-serve \
             --configs exact --users-exact 1,3 --budget-s $((limit - 60)) --out "$OUT/serve"
         ;;
     *)
-        echo "unknown step $name (setup, tests, doctor, parts, compiled, choices, aot, tune, compile, serve-aot)" >&2
+        echo "unknown step $name (setup, tests, doctor, parts, compiled, choices, aot, tune, compile, first, vae, serve-aot)" >&2
         exit 2
         ;;
     esac

@@ -21,11 +21,12 @@ first frames' decode and paste-back ("UNet end -> first frame").
 Each runner is measured in three variants (`VARIANTS`), on the same warmed-up renderer:
 - serial: the renderer's order before session 11 (`overlap` off): a wait for the device
   at every stage's end, each piece's paste-back planned after its decode;
-- overlap: the paste-back's host work (backgrounds, where the faces go) done while the
-  device runs the UNet, every stage queued without a wait, the pasted windows copied
-  back through pinned memory;
-- overlap + audio graph: the audio encoder (front end and Whisper) replayed as a CUDA
-  graph, captured at warm-up.
+- overlap + audio graph: the paste-back's host work (backgrounds, where the faces go)
+  done while the device runs the UNet, every stage queued without a wait, the pasted
+  windows copied back through pinned memory, and the audio encoder (front end and
+  Whisper) replayed as a CUDA graph, captured at warm-up;
+- + compiled VAE decode: the decoder through Inductor, a turn's lead frames' decodes as
+  CUDA graphs (the compiled path only; elsewhere the same as the row before).
 "GC pauses" is the time the garbage collector held the process during the streaming
 call.
 
@@ -67,12 +68,13 @@ from media.types import (
 
 FPS = 25
 FRAMES = 16
-# The renderer's host-work choices, measured in turn on each warmed-up renderer:
-# (LatentSyncRenderer.overlap, AudioFeatureExtractor.use_graphs).
+# The renderer's choices, measured in turn on each warmed-up renderer:
+# (LatentSyncRenderer.overlap, AudioFeatureExtractor.use_graphs, LatentCodec.use_compiled;
+# the last only where the renderer compiled the decoder: its compiled path).
 VARIANTS = {
-    "serial (before session 11)": (False, False),
-    "overlap": (True, False),
-    "overlap + audio graph": (True, True),
+    "serial (before session 11)": (False, False, False),
+    "overlap + audio graph (session 11)": (True, True, False),
+    "+ compiled VAE decode": (True, True, True),
 }
 RUNNERS: dict[str, dict[str, Any]] = {
     "graphs": {"cuda_graphs": True},
@@ -159,8 +161,76 @@ def measure(renderer: LatentSyncRenderer, avatar: Avatar, reps: int, pauses: GcP
     return out
 
 
+def later_chunks(avatar: Avatar, count: int, rep: int) -> list[RenderChunk]:
+    """`count` sessions' chunks in mid-turn (16 speech frames each, not a turn's first)."""
+    out = []
+    for b in range(count):
+        first = turn_start(avatar, rep * count + b)
+        out.append(RenderChunk(ChunkKey("bench", f"s{b}-{rep}", 1), avatar.id, first.frames,
+                               FRAMES, np.concatenate([first.audio, first.audio]), FPS))
+    return out
+
+
+def measure_batch(renderer: LatentSyncRenderer, avatar: Avatar, count: int, reps: int,
+                  vae_variants: dict[str, bool], models: Any) -> list[list[str]]:
+    """Steady state: `count` mid-turn chunks in one call, whole (UNet, decode, paste-back);
+    the decoder's variants take turns per rep."""
+    runs: dict[str, dict[str, list[float]]] = {}
+    for rep in range(reps):
+        for name, compiled in vae_variants.items():
+            models.codec.use_compiled = compiled
+            batch = later_chunks(avatar, count, rep)
+            t0 = time.perf_counter()
+            results = renderer.render(batch)
+            ms = 1000 * (time.perf_counter() - t0)
+            m = runs.setdefault(name, {"ms": [], "unet": [], "decode": [], "paste": []})
+            m["ms"].append(ms)
+            m["unet"].append(1000 * results[0].stages["inference"])
+            m["decode"].append(1000 * results[0].stages["decode"])
+            m["paste"].append(1000 * results[0].stages["paste"])
+    rows = []
+    for name, m in runs.items():
+        fps = [count * FRAMES / (ms / 1000) for ms in m["ms"]]
+        rows.append([name, str(count), fmt(m["ms"]), f"{statistics.median(fps):.1f}",
+                     fmt(m["unet"]), fmt(m["decode"]), fmt(m["paste"])])
+        log(" | ".join(rows[-1]))
+    return rows
+
+
 def _note(handed: list[tuple[float, int]], i: int, frames: Frames) -> None:
     handed.append((time.perf_counter(), len(frames)))
+
+
+def device_gaps(renderer: LatentSyncRenderer, avatar: Avatar, turn: int) -> str:
+    """One streaming call under the profiler: the device's kernel timeline from the first
+    kernel to the last, its busy time, and its longest idle gaps (what ran around each).
+    Where the host falls behind the device, the gaps show it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    chunk = turn_start(avatar, turn)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        renderer.render_streaming([chunk], lambda i, frames: None)
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and e.time_range.end > e.time_range.start),
+                     key=lambda e: e.time_range.start)
+    if not kernels:
+        return "no device activity recorded"
+    start, end = kernels[0].time_range.start, max(e.time_range.end for e in kernels)
+    busy, reach, gaps = 0.0, start, []
+    for before, e in zip([None, *kernels[:-1]], kernels, strict=True):
+        s, f = e.time_range.start, e.time_range.end
+        if s > reach and before is not None:
+            gaps.append((s - reach, reach - start, before.name, e.name))
+        busy += max(0.0, f - max(s, reach))
+        reach = max(reach, f)
+    gaps.sort(reverse=True)
+    small = sum(g for g, *_ in gaps if g < 20)
+    lines = [f"span {(end - start) / 1000:.1f} ms, busy {busy / 1000:.1f} ms, {len(kernels)}"
+             f" kernels; idle {sum(g for g, *_ in gaps) / 1000:.1f} ms in {len(gaps)} gaps"
+             f" ({small / 1000:.1f} ms in gaps under 20 us)"]
+    for gap, at, a, b in gaps[:12]:
+        lines.append(f"  {gap / 1000:.2f} ms idle at {at / 1000:.1f} ms: {a[:50]} -> {b[:50]}")
+    return "\n".join(lines)
 
 
 def fmt(values: list[float]) -> str:
@@ -175,6 +245,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help=f"comma-separated: {','.join([*RUNNERS, *KERNELS])}")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--avatar-size", type=int, default=512)
+    p.add_argument("--batch", type=int, default=0,
+                   help="also render this many mid-turn chunks per call (steady state),"
+                   " with the eager and the compiled VAE decode")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one streaming call per variant: the device's idle gaps")
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.tiny else "cuda:0")
     dtype = torch.float32 if args.tiny else torch.float16
@@ -185,11 +260,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     avatar = ensure_default_avatar(folder, DefaultAvatarConfig(
         size=args.avatar_size, clip_seconds=(8.0,)), FPS)
     rows = []
+    profiles: list[str] = []
+    batch_rows: list[list[str]] = []
     pauses = GcPauses()
     for name in args.runners.split(","):
         base, kernels = KERNELS.get(name, (name, {}))
         settings = {} if args.tiny else RUNNERS[base]
-        config = LatentSyncConfig(max_batch=1, compile_cache_dir=folder / "inductor",
+        config = LatentSyncConfig(max_batch=max(1, args.batch),
+                                  compile_cache_dir=folder / "inductor",
                                   **settings)
         renderer = LatentSyncRenderer.from_models(lambda _: avatar, models, config,
                                                   resolution=resolution)
@@ -206,12 +284,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         # the run (clocks, heat) is shared by all of them.
         runs: dict[str, dict[str, list[float]]] = {}
         for rep in range(args.reps):
-            for variant, (overlap, audio_graphs) in VARIANTS.items():
+            for variant, (overlap, audio_graphs, vae) in VARIANTS.items():
                 renderer.overlap = overlap
                 models.audio.use_graphs = audio_graphs
+                models.codec.use_compiled = vae
                 m = measure(renderer, avatar, 1, pauses, turn=rep)
                 for key, values in m.items():
                     runs.setdefault(variant, {}).setdefault(key, []).extend(values)
+        if args.profile:
+            for variant, (overlap, audio_graphs, vae) in VARIANTS.items():
+                renderer.overlap = overlap
+                models.audio.use_graphs = audio_graphs
+                models.codec.use_compiled = vae
+                report = device_gaps(renderer, avatar, args.reps)
+                profiles.append(f"### {name}, {variant}\n\n```\n{report}\n```\n")
+                log(f"{name}, {variant}: {report}")
+        if args.batch:
+            batch_rows.extend(measure_batch(
+                renderer, avatar, args.batch, args.reps, {
+                    f"{name}, eager VAE decode": False,
+                    f"{name}, compiled VAE decode": models.codec.compiled}, models))
         for variant, m in runs.items():
             rows.append([f"{name}, {variant}", fmt(m["whole"]),
                          fmt(m["first"]), fmt(m["done"]), fmt(m["slack"]), fmt(m["features"]),
@@ -229,7 +321,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             f" weights; {resolution} px crops of a {args.avatar_size} px avatar; exact settings"
             f" (20-step DDIM, CFG 1.5); B = 1; {args.reps} reps each, median (min-max).\n\n"
             "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-            + "".join("| " + " | ".join(r) + " |\n" for r in rows))
+            + "".join("| " + " | ".join(r) + " |\n" for r in rows)
+            + "".join(f"\n{p}" for p in profiles))
+    if batch_rows:
+        head = ["runner", "chunks a call", "call ms", "fps", "UNet ms", "decode ms",
+                "paste ms"]
+        text += ("\n## Steady state: mid-turn chunks, one call each\n\n| "
+                 + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
+                 + "".join("| " + " | ".join(r) + " |\n" for r in batch_rows))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "first_frame.md").write_text(text)
     print(text)

@@ -239,6 +239,7 @@ def test_compile_is_off_by_default_and_only_compiles_under_cuda_graphs() -> None
 
 @DPM_WARNING
 @pytest.mark.gpu
+@pytest.mark.timeout(560)  # compiles cold: the UNet and the VAE decoder (about 5 minutes)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_unet_renders_what_eager_renders(
     avatar: Avatar, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
@@ -257,10 +258,18 @@ def test_compiled_unet_renders_what_eager_renders(
     made = renderer(avatar, models, **FAST, max_batch=2, compile=True,
                     compile_cache_dir=tmp_path / "inductor")
     made.warmup()
-    compiled = frames_of(made, batch)
+    # The VAE decode compiled too, a turn's lead pieces (frame 0, frames 1-3) graphed.
+    assert models.codec.compiled
+    assert [shape[0] for shape in models.codec.captured] == [1, 3]
+    handed: list[int] = []
+    (streamed,) = made.render_streaming([chunk(avatar)], lambda i, f: handed.append(len(f)))
+    assert handed == [1, 4, 8, 12]
+    compiled = frames_of(made, batch)  # (closes the renderer)
+    models.codec.use_compiled = False
     eager = frames_of(renderer(avatar, models, **FAST, cuda_graphs=False), batch)
     for mine, reference in zip(compiled, eager, strict=True):
         assert np.abs(mine.astype(int) - reference).max() <= 3
+    assert np.abs(streamed.frames.astype(int) - eager[0]).max() <= 3
 
 
 @DPM_WARNING

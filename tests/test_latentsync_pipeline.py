@@ -33,7 +33,7 @@ from media.latentsync.face import (
 )
 from media.latentsync.pipeline import EagerNoisePredictor, LatentSyncModels
 from media.latentsync.renderer import LatentSyncRenderer, load_models
-from media.latentsync.vae import load_vae
+from media.latentsync.vae import LatentCodec, load_vae
 from media.latentsync.whisper import WhisperCheckpointError
 from media.types import ChunkKey, FrameSpec, RenderChunk, RenderResult, SourceRef
 from tests.latentsyncutil import (
@@ -313,6 +313,25 @@ def test_vae_loads_from_a_folder_or_one_file_and_rejects_others(tmp_path: Path) 
         load_vae(single, expect=None)
     with pytest.raises(ConfigError, match="not found"):
         load_vae(tmp_path / "nowhere")
+
+
+def test_compiled_decoder_decodes_what_the_eager_one_does() -> None:
+    codec = LatentCodec(tiny_vae())
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = codec.decode(z)
+        # Dynamo's own backend ("eager") on the CPU: the wrapper, the symbolic frame count
+        # and the channels-last weights (Inductor and the graphs: the GPU renderer tests).
+        codec.compile_decoder(backend="eager")
+        assert codec.compiled
+        assert codec.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        for frames in (3, 1, 2):  # 1 compiles apart (Dynamo specialises it), 2 reuses 3's
+            torch.testing.assert_close(codec.decode(z[:frames]), expected[:frames],
+                                       rtol=1e-4, atol=1e-5)
+        codec.capture_decode([(1, 4, 8, 8)])  # no CUDA graphs on the CPU
+        assert codec.captured == []
+        codec.use_compiled = False
+        torch.testing.assert_close(codec.decode(z), expected, rtol=1e-4, atol=1e-5)
 
 
 # --- rendering ------------------------------------------------------------------------

@@ -21,8 +21,9 @@ The sampler and the UNet runner come from config (`sampler`, `deepcache_interval
 `cuda_graphs`; the defaults are LatentSync's exact 20-step DDIM): see
 `noise_predictor_for` and `scheduler_for`. With CUDA graphs, `warmup` captures one
 graph per batch size up to `max_batch`, so no capture stalls a live chunk; with
-`compile` also on, it first compiles the UNet for those shapes (Inductor;
-minutes cold, seconds from `compile_cache_dir`); with `aot` instead, it loads the
+`compile` also on, it first compiles the UNet for those shapes and the VAE decoder
+(Inductor; minutes cold, seconds from `compile_cache_dir`) and captures the decodes of a
+turn's lead pieces; with `aot` instead, it loads the
 ahead-of-time artifacts from `aot_cache_dir` (compiling and storing them on the
 first start: `media.latentsync.aot`) and captures those.
 
@@ -99,8 +100,8 @@ LOOKAHEAD_MS = 120  # covers the audio window's 92.5 ms past a chunk's end at 25
 WARMUP_FPS = 25
 # Streaming: the first pieces of a turn's first chunk (`stream_pieces`: frame 0, then 1-3)
 # are decoded alone, each ahead of the rest of the batch (frame 0 is out 7-8 ms after the
-# UNet on an H100, its paste-back planned during the UNet); its other pieces share the
-# batch's last decode.
+# UNet on an H100, 3 ms with the compiled path's decoder; its paste-back is planned during
+# the UNet); its other pieces share the batch's last decode.
 LEAD_PIECES = 2
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -325,6 +326,9 @@ class LatentSyncRenderer:
                 predictor=noise_predictor_for(config, models,
                                               config.turn_start_deepcache_interval),
                 scheduler=scheduler or scheduler_for(config.sampler))
+        if (config.compile and config.cuda_graphs and not config.aot
+                and models.device.type == "cuda"):
+            models.codec.compile_decoder()  # shared models: every renderer over them
         masks = crop_masks(self.resolution, models.codec.downsample, models.device)
         self._loaded: _Loaded | None = _Loaded(models, denoiser, masks, turn_start)
         self._seed = config.seed
@@ -384,6 +388,10 @@ class LatentSyncRenderer:
                     self._capture_graphs(denoiser, latents.shape, audio.shape)
                     out = denoiser.denoise(core.masks.latent, latents, latents, audio)
                 pictures = core.denoiser.decode(out[0].permute(1, 0, 2, 3))  # (F, 3, r, r)
+                if self._graphs:  # a turn's lead pieces (frame 0, then 1-3): graphed decodes
+                    sizes = [e - a for a, e in stream_pieces(CHUNK_FRAMES)[:LEAD_PIECES]]
+                    models.codec.capture_decode([(n, *latent.shape[1:2], side, side)
+                                                 for n in sizes])
                 frame = np.full((1, 2 * r, 2 * r, 3), 127, np.uint8)
                 centred = np.array([[[1.0, 0.0, -r / 2], [0.0, 1.0, -r / 2]]])
                 # The paste-back as `_render` runs it: pinned copies both ways, an event.
