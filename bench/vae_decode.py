@@ -11,7 +11,8 @@ relative L2 difference from the `default` row of the same size:
   conversions around each);
 - `compiled`, `cl+compiled`: `torch.compile` (Inductor, static shapes: one compile per
   frame count, so only `--compiled-frames` are measured);
-- any of them `+graph`: replayed as a CUDA graph captured per frame count.
+- any of them `+graph`: replayed as a CUDA graph captured per frame count
+  (`media.latentsync.graphs.StaticGraph`, as the renderer does).
 
     python -m bench.vae_decode --out out/vae_decode           # CUDA machine
     python -m bench.vae_decode --tiny --out out/vae_dry      # CPU dry run (tiny decoder)
@@ -32,6 +33,7 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.machine import describe
+from media.latentsync.graphs import StaticGraph
 from media.latentsync.vae import PACKAGED_CONFIG, SCALING_FACTOR
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
@@ -69,27 +71,6 @@ def variant(vae: AutoencoderKL, name: str) -> tuple[Decode, bool]:
     if "compiled" in parts:
         return torch.compile(decode, dynamic=False), cl  # type: ignore[return-value]
     return decode, cl
-
-
-def graphed(fn: Decode, example: torch.Tensor) -> Decode:
-    """`fn` captured as a CUDA graph for `example`'s shape (its input copied in)."""
-    static = example.clone()
-    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn(static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(static)
-
-    def replay(latents: torch.Tensor) -> torch.Tensor:
-        static.copy_(latents)
-        graph.replay()
-        return out
-
-    return replay
 
 
 def time_calls(fn: Decode, latents: torch.Tensor, reps: int, cuda: bool) -> list[float]:
@@ -151,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 continue
             x = inputs[n].contiguous(memory_format=torch.channels_last) if cl else inputs[n]
             t0 = time.perf_counter()
-            run = graphed(fn, x) if "graph" in name.split("+") else fn
+            run = StaticGraph(fn, x) if "graph" in name.split("+") else fn
             ms = time_calls(run, x, args.reps, cuda)
             ready = time.perf_counter() - t0
             out = run(x).float()

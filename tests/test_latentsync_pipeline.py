@@ -334,6 +334,27 @@ def test_compiled_decoder_decodes_what_the_eager_one_does() -> None:
         torch.testing.assert_close(codec.decode(z), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_decode_replays_the_compiled_decoder_on_cuda() -> None:
+    codec = LatentCodec(tiny_vae().to("cuda"))
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to("cuda")
+    with torch.inference_mode():
+        eager = codec.decode(z)
+        codec.compile_decoder(backend="eager")  # (Inductor: the compiled renderer's GPU test)
+        expected = codec.decode(z)  # channels-last, not yet replayed
+        codec.capture_decode([(1, 4, 8, 8), (3, 4, 8, 8)])
+        assert codec.captured == [(1, 4, 8, 8), (3, 4, 8, 8)]
+        first = codec.decode(z)
+        second = codec.decode(z.flip(0))  # a later replay leaves the earlier result alone
+        torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(second, expected.flip(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(codec.decode(z[:1]), expected[:1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(codec.decode(z[:2]), expected[:2], rtol=1e-5, atol=1e-5)
+        # Against the contiguous eager decoder: other cuDNN kernels, TF32 convolutions.
+        torch.testing.assert_close(first, eager, rtol=0, atol=5e-3)
+
+
 # --- rendering ------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from media.latentsync.graphs import StaticGraph
 from media.latentsync.whisper import WhisperEncoder, load_whisper_encoder
 from media.types import Audio
 
@@ -201,7 +202,7 @@ class AudioFeatureExtractor:
         self.width = encoder.config.width
         # CUDA graphs of `encode_windows` by window count (`capture`); `use_graphs` False
         # runs the modules as they are (benchmarks compare the two).
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[int, StaticGraph] = {}
         self.use_graphs = True
 
     @classmethod
@@ -218,10 +219,7 @@ class AudioFeatureExtractor:
         graph = self._graphs.get(windows.shape[0]) if self.use_graphs else None
         if graph is None:
             return self._encode(windows.to(self.device, torch.float32))
-        replay, static_in, static_out = graph
-        static_in.copy_(windows)
-        replay.replay()
-        return static_out.clone()  # the next replay overwrites the graph's output
+        return graph(windows)
 
     @torch.inference_mode()
     def capture(self, counts: Sequence[int]) -> None:
@@ -233,18 +231,8 @@ class AudioFeatureExtractor:
         for count in counts:
             if count in self._graphs:
                 continue
-            static_in = torch.zeros(count, WINDOW_SAMPLES, device=self.device)
-            # The warm-up runs off the capture's stream, as torch.cuda.graphs asks.
-            side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._encode(static_in)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self._encode(static_in)
-            self._graphs[count] = (graph, static_in, static_out)
+            example = torch.zeros(count, WINDOW_SAMPLES, device=self.device)
+            self._graphs[count] = StaticGraph(self._encode, example)
 
     @property
     def captured(self) -> list[int]:

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from agent.errors import ConfigError
+from media.latentsync.graphs import StaticGraph
 
 SCALING_FACTOR = 0.18215
 VAE_NAME = "sd-vae-ft-mse"
@@ -202,8 +203,7 @@ class LatentCodec:
         self.device, self.dtype = param.device, param.dtype
         self.use_compiled = True
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor,
-                                                  torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, ...], StaticGraph] = {}
 
     def encode(self, pictures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """`latent_dist.sample()` with the given standard-normal `noise`, times 0.18215.
@@ -220,12 +220,7 @@ class LatentCodec:
         if self._compiled is None or not self.use_compiled:
             return self._decode(latents)
         graph = self._graphs.get(tuple(latents.shape))
-        if graph is None:
-            return self._compiled(latents)
-        replay, static_in, static_out = graph
-        static_in.copy_(latents)
-        replay.replay()
-        return static_out.clone()
+        return self._compiled(latents) if graph is None else graph(latents)
 
     @property
     def compiled(self) -> bool:
@@ -267,20 +262,9 @@ class LatentCodec:
             return
         for shape in shapes:
             key = tuple(int(n) for n in shape)
-            if key in self._graphs:
-                continue
-            static_in = torch.randn(key, device=self.device, dtype=self.dtype)
-            side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._compiled(static_in)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            capture = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
-            with torch.cuda.graph(graph, stream=capture, capture_error_mode="thread_local"):
-                static_out = self._compiled(static_in)
-            self._graphs[key] = (graph, static_in, static_out)
+            if key not in self._graphs:
+                example = torch.randn(key, device=self.device, dtype=self.dtype)
+                self._graphs[key] = StaticGraph(self._compiled, example)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.vae.decode(latents.to(self.dtype) / SCALING_FACTOR).sample
