@@ -26,7 +26,9 @@ Each runner is measured in three variants (`VARIANTS`), on the same warmed-up re
   windows copied back through pinned memory, and the audio encoder (front end and
   Whisper) replayed as a CUDA graph, captured at warm-up;
 - + compiled VAE decode: the decoder through Inductor, a turn's lead frames' decodes as
-  CUDA graphs (the compiled path only; elsewhere the same as the row before).
+  CUDA graphs (the compiled path only; elsewhere the same as the row before). Where the
+  renderer compiled the decoder, the rows before run the eager decoder in its
+  channels-last weights (about 10 % slower than contiguous: bench/vae_decode.py).
 "GC pauses" is the time the garbage collector held the process during the streaming
 call.
 
