@@ -89,6 +89,12 @@ KERNELS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def use_variant(renderer: LatentSyncRenderer, models: Any,
+                choices: tuple[bool, bool, bool]) -> None:
+    """Set one of `VARIANTS` on a renderer and its (shared) models."""
+    renderer.overlap, models.audio.use_graphs, models.codec.use_compiled = choices
+
+
 class GcPauses:
     """Seconds the garbage collector held the process, summed since `reset`."""
 
@@ -286,18 +292,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         # the run (clocks, heat) is shared by all of them.
         runs: dict[str, dict[str, list[float]]] = {}
         for rep in range(args.reps):
-            for variant, (overlap, audio_graphs, vae) in VARIANTS.items():
-                renderer.overlap = overlap
-                models.audio.use_graphs = audio_graphs
-                models.codec.use_compiled = vae
+            for variant, choices in VARIANTS.items():
+                use_variant(renderer, models, choices)
                 m = measure(renderer, avatar, 1, pauses, turn=rep)
                 for key, values in m.items():
                     runs.setdefault(variant, {}).setdefault(key, []).extend(values)
         if args.profile:
-            for variant, (overlap, audio_graphs, vae) in VARIANTS.items():
-                renderer.overlap = overlap
-                models.audio.use_graphs = audio_graphs
-                models.codec.use_compiled = vae
+            for variant, choices in VARIANTS.items():
+                use_variant(renderer, models, choices)
                 report = device_gaps(renderer, avatar, args.reps)
                 profiles.append(f"### {name}, {variant}\n\n```\n{report}\n```\n")
                 log(f"{name}, {variant}: {report}")

@@ -390,8 +390,8 @@ class LatentSyncRenderer:
                 pictures = core.denoiser.decode(out[0].permute(1, 0, 2, 3))  # (F, 3, r, r)
                 if self._graphs:  # a turn's lead pieces (frame 0, then 1-3): graphed decodes
                     sizes = [e - a for a, e in stream_pieces(CHUNK_FRAMES)[:LEAD_PIECES]]
-                    models.codec.capture_decode([(n, *latent.shape[1:2], side, side)
-                                                 for n in sizes])
+                    channels = models.codec.latent_channels
+                    models.codec.capture_decode([(n, channels, side, side) for n in sizes])
                 frame = np.full((1, 2 * r, 2 * r, 3), 127, np.uint8)
                 centred = np.array([[[1.0, 0.0, -r / 2], [0.0, 1.0, -r / 2]]])
                 # The paste-back as `_render` runs it: pinned copies both ways, an event.
