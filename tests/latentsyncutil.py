@@ -9,6 +9,7 @@ seeded, downsampling 8x like sd-vae-ft-mse. Frames come out as noise.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,13 @@ from agent.config import LatentSyncConfig
 from media.avatar import Avatar
 from media.latentsync.audio_features import AudioFeatureExtractor
 from media.latentsync.checkpoint import load_unet
-from media.latentsync.config import UNetConfig
+from media.latentsync.config import (
+    CROSS_ATTN_DOWN,
+    CROSS_ATTN_UP,
+    PLAIN_DOWN,
+    PLAIN_UP,
+    UNetConfig,
+)
 from media.latentsync.face import track_clip
 from media.latentsync.pipeline import LatentSyncModels, NoisePredictor
 from media.latentsync.renderer import LatentSyncRenderer
@@ -78,6 +85,45 @@ def tiny_unet_for_runners() -> UNet3DConditionModel:
     with torch.random.fork_rng(all_devices()):
         torch.manual_seed(0)
         return UNet3DConditionModel(tiny_unet_config()).eval().requires_grad_(False)
+
+
+def small_unet_config() -> UNetConfig:
+    """The fixture's architecture at two levels of one layer each: every block kind
+    (cross-attention and plain down and up blocks, with and without a resampler; the mid
+    block) and motion modules on both levels, in about a third of the fixture's graph
+    (1176 exported nodes against 3817). Wider channels (64, 128) keep the weights
+    about as heavy as the fixture's (19 MB against 21 MB) at little graph cost."""
+    return dataclasses.replace(
+        tiny_unet_config(),
+        block_out_channels=(64, 128),
+        layers_per_block=1,
+        down_block_types=(CROSS_ATTN_DOWN, PLAIN_DOWN),
+        up_block_types=(PLAIN_UP, CROSS_ATTN_UP),
+        motion_module_resolutions=(1, 2),
+    )
+
+
+def small_unet_for_compilers(seed: int = 0) -> UNet3DConditionModel:
+    """A `small_unet_config` UNet for tests whose cost is compiling or exporting the UNet
+    (Dynamo, torch.export and Inductor times grow with the graph, not with the sizes),
+    and which compare one way of running it with another. Its weights are seeded and
+    drawn as the fixture's were (kernels N(0, 0.05), biases N(0, 0.02), norm scales
+    1 + N(0, 0.02)): every tensor matters (no zero-initialised projection) and fp32
+    reordering moves results as little as with the fixture's."""
+    with torch.random.fork_rng(all_devices()):
+        torch.manual_seed(seed)
+        unet = UNet3DConditionModel(small_unet_config()).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if param.dim() > 1:
+                param.copy_(0.05 * noise)
+            elif name.endswith("bias"):
+                param.copy_(0.02 * noise)
+            else:  # the norms' scales
+                param.copy_(1 + 0.02 * noise)
+    return unet
 
 
 def assert_cuda_kernels_compute_the_default_unet(**kernels: Any) -> None:

@@ -1,5 +1,8 @@
 """Ahead-of-time UNet at tiny size: keys, export of each forward kind with a symbolic
-batch, the predictor's dispatch, and (slow) a real AOTInductor artifact on disk."""
+batch, the predictor's dispatch, and (slow) a real AOTInductor artifact on disk.
+
+The UNet is the fixture's architecture at two levels (`small_unet_for_compilers`):
+exporting and compiling cost grows with the graph, and every block kind is in it."""
 
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from media.latentsync.aot import (
 from media.latentsync.config import UNetConfig
 from media.latentsync.unet import DeepCacheState, UNet3DConditionModel
 from media.latentsync.verify import relative_error
-from tests.latentsyncutil import tiny_unet_for_runners
+from tests.latentsyncutil import small_unet_for_compilers
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("torch_one_thread")]
 
@@ -40,7 +43,7 @@ EXPORT_WARNINGS = pytest.mark.filterwarnings(
 
 @pytest.fixture(scope="module")
 def unet() -> UNet3DConditionModel:
-    return tiny_unet_for_runners()
+    return small_unet_for_compilers()
 
 
 def loop(predictor: UNetPredictor | AotPredictor, chunks: int, seed: int) -> torch.Tensor:
@@ -158,7 +161,7 @@ def test_guided_predictor_runs_deepcache_and_exact_loops_as_eager_does(
 def test_export_traces_the_compiled_kernel_choices(tmp_path: Path) -> None:
     """The exported forward with channels-last activations and the frames' attention as
     matmuls computes what the default eager UNet does, at two batch sizes."""
-    unet = tiny_unet_for_runners()
+    unet = small_unet_for_compilers()
     expected = {chunks: loop(UNetPredictor(unet), chunks, seed=chunks) for chunks in (1, 2)}
     aot = AotPredictor(unet, cache_dir=tmp_path, max_rows=4, backend="export",
                        kernels=COMPILED_KERNELS)
@@ -234,7 +237,7 @@ def test_loading_a_package_skips_torchs_cpu_isa_build_probe(
 def test_aot_artifact_compiles_once_then_loads_and_runs_any_checkpoint(
     unet: UNet3DConditionModel, tmp_path: Path
 ) -> None:
-    """A real AOTInductor artifact (the CPU build here; a minute or two of C++ compiling):
+    """A real AOTInductor artifact (the CPU build here; about 50 s of compiling):
     stored under its key without the weights, loaded by the next start, the batch
     symbolic, and bound to whichever UNet of this architecture loads it."""
     # The execution choices the server compiles with on CUDA (channels-last weights bound
@@ -253,8 +256,8 @@ def test_aot_artifact_compiles_once_then_loads_and_runs_any_checkpoint(
         assert relative_error(loop(first, chunks, seed=chunks), expected) < LOOP_TOLERANCE
 
     # The next start, with another checkpoint of the same config: loaded, not compiled.
-    # (The fixture's weights shuffled within each tensor: as well-conditioned as they are.
-    # A default-initialised UNet is not, and its fp32 results move by 1e-3 under reordering.)
+    # (The weights shuffled within each tensor: as well-conditioned as they are. A
+    # default-initialised UNet is not, and its fp32 results move by 1e-3 under reordering.)
     other = copy.deepcopy(unet)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
