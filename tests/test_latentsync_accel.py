@@ -19,7 +19,7 @@ from media.latentsync.accel import (
 from media.latentsync.config import UNetConfig
 from media.latentsync.unet import DeepCacheState, UNet3DConditionModel
 from media.latentsync.verify import relative_error
-from tests.latentsyncutil import tiny_unet_for_runners
+from tests.latentsyncutil import small_unet_for_compilers, tiny_unet_for_runners
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("torch_one_thread")]
 
@@ -30,6 +30,12 @@ STEPS = 9
 @pytest.fixture(scope="module")
 def unet() -> UNet3DConditionModel:
     return tiny_unet_for_runners()
+
+
+@pytest.fixture(scope="module")
+def small_unet() -> UNet3DConditionModel:
+    """For the compiling tests: Dynamo's tracing time grows with the UNet's graph."""
+    return small_unet_for_compilers()
 
 
 def chunk_inputs(
@@ -132,7 +138,7 @@ def test_guided_predictor_runs_the_loop_of_the_plain_unet(
 
 
 def test_compiled_predictor_compiles_each_forward_kind_once(
-    unet: UNet3DConditionModel,
+    small_unet: UNet3DConditionModel,
 ) -> None:
     """A server warms up batch sizes 1..max_batch of the exact and DeepCache forwards:
     with the batch marked dynamic that is one compile per kind, not one per size (about
@@ -142,7 +148,7 @@ def test_compiled_predictor_compiles_each_forward_kind_once(
 
     torch._dynamo.reset()
     counters.clear()
-    predictor = CompiledPredictor(unet, backend="eager")  # dynamic=None: the server's
+    predictor = CompiledPredictor(small_unet, backend="eager")  # dynamic=None: the server's
     timestep = torch.full((1,), 500)
     with torch.inference_mode():
         for b in (1, 2, 3):
@@ -154,14 +160,14 @@ def test_compiled_predictor_compiles_each_forward_kind_once(
             cache = DeepCacheState()
             predictor._forward(sample, timestep, audio, cache, refresh=True)
             shallow = predictor._forward(sample, timestep, audio, cache, refresh=False)
-            assert torch.equal(exact, unet(sample, timestep, audio))
-            assert torch.equal(shallow, unet(sample, timestep, audio, cache=cache))
+            assert torch.equal(exact, small_unet(sample, timestep, audio))
+            assert torch.equal(shallow, small_unet(sample, timestep, audio, cache=cache))
     assert counters["stats"]["unique_graphs"] == 3  # exact, refresh, shallow
     torch._dynamo.reset()
 
 
 def test_guided_compiled_predictor_is_static_and_computes_the_guided_forward(
-    unet: UNet3DConditionModel,
+    small_unet: UNet3DConditionModel,
 ) -> None:
     """The guided forward compiles with concrete shapes, one graph per size and kind,
     without graph breaks."""
@@ -169,7 +175,7 @@ def test_guided_compiled_predictor_is_static_and_computes_the_guided_forward(
 
     torch._dynamo.reset()
     counters.clear()
-    predictor = CompiledPredictor(unet, backend="eager", guided=True, dynamic=False)
+    predictor = CompiledPredictor(small_unet, backend="eager", guided=True, dynamic=False)
     assert not predictor.halved
     timestep = torch.full((1,), 500)
     with torch.inference_mode():
@@ -177,7 +183,7 @@ def test_guided_compiled_predictor_is_static_and_computes_the_guided_forward(
             sample = torch.randn(2 * b, 13, 16, H, W)
             audio = torch.randn(2 * b * 16, 50, 384)
             out = predictor._forward(sample, timestep, audio, None, refresh=True)
-            assert torch.equal(out, unet(sample, timestep, audio, guided=True))
+            assert torch.equal(out, small_unet(sample, timestep, audio, guided=True))
     assert counters["stats"]["unique_graphs"] == 2
     assert not counters["graph_break"]
     torch._dynamo.reset()
@@ -185,7 +191,7 @@ def test_guided_compiled_predictor_is_static_and_computes_the_guided_forward(
 
 @pytest.mark.parametrize("interval", [1, 3])
 def test_guided_compile_with_a_symbolic_batch_is_one_graph_per_kind_for_every_size(
-    unet: UNet3DConditionModel, interval: int
+    small_unet: UNet3DConditionModel, interval: int
 ) -> None:
     """With a symbolic batch the guided predictor hands the UNet one copy of the pair
     (`halved`): no graph break, the plain UNet's loop, and per forward kind one graph
@@ -194,7 +200,7 @@ def test_guided_compile_with_a_symbolic_batch_is_one_graph_per_kind_for_every_si
 
     torch._dynamo.reset()
     counters.clear()
-    predictor = CompiledPredictor(unet, interval, backend="eager", guided=True)
+    predictor = CompiledPredictor(small_unet, interval, backend="eager", guided=True)
     assert predictor.halved
 
     class Direct:  # the predictor's forwards without CUDA graphs (this is the CPU)
@@ -214,7 +220,7 @@ def test_guided_compile_with_a_symbolic_batch_is_one_graph_per_kind_for_every_si
             audio = torch.cat([torch.zeros(chunks * F, 50, 384),
                                torch.randn(chunks * F, 50, 384, generator=gen)])
             loops = [denoise(p, make_scheduler(), noise, conditions, audio, steps=4)
-                     for p in (Direct(), UNetPredictor(unet, interval))]
+                     for p in (Direct(), UNetPredictor(small_unet, interval))]
             assert relative_error(loops[0], loops[1]) < 1e-5
     kinds = 1 if interval == 1 else 2  # exact; or DeepCache's refresh and shallow
     assert counters["stats"]["unique_graphs"] == 2 * kinds
@@ -222,9 +228,9 @@ def test_guided_compile_with_a_symbolic_batch_is_one_graph_per_kind_for_every_si
     torch._dynamo.reset()
     sample = torch.randn(1, 13, F, H, W)
     with pytest.raises(ValueError, match="pass guided=True"):
-        unet(sample, torch.tensor(500), torch.randn(F, 50, 384), halved=True)
-    halved = unet(sample, torch.tensor(500), torch.randn(F, 50, 384), guided=True,
-                  halved=True)
+        small_unet(sample, torch.tensor(500), torch.randn(F, 50, 384), halved=True)
+    halved = small_unet(sample, torch.tensor(500), torch.randn(F, 50, 384), guided=True,
+                        halved=True)
     assert halved.shape[0] == 2
 
 
