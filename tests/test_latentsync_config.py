@@ -36,7 +36,13 @@ from media.latentsync.unet import UNet3DConditionModel
 from media.latentsync.vae import LatentCodec
 from media.latentsync.whisper import WhisperEncoder
 from media.types import ChunkKey, FrameSpec, RenderChunk, SourceRef
-from tests.latentsyncutil import CROP, all_devices, tiny_models, tiny_vae
+from tests.latentsyncutil import (
+    CROP,
+    all_devices,
+    small_unet_for_compilers,
+    tiny_models,
+    tiny_vae,
+)
 from tests.serverutil import speech_like
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("torch_one_thread")]
@@ -351,8 +357,10 @@ def test_aot_runner_is_prepared_at_warmup_and_renders_what_eager_renders(
 ) -> None:
     """The renderer's warm-up readies every forward kind before the first chunk. The
     exported programs stand in for the compiled artifacts here (the same graphs, run by
-    PyTorch; the slow test in test_latentsync_aot compiles one)."""
-    models = tiny_models()
+    PyTorch; the slow test in test_latentsync_aot compiles one). The UNet is the small
+    one of the export tests (exporting time grows with its graph)."""
+    base = tiny_models()
+    models = LatentSyncModels(small_unet_for_compilers(), base.codec, base.audio)
     aot = AotPredictor(models.unet, 3, cache_dir=tmp_path, max_rows=4, backend="export",
                        guided=True)  # as the renderer builds it with guidance
     made = renderer(avatar, models, **FAST, max_batch=2, noise_predictor=aot)
