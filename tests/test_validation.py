@@ -9,7 +9,7 @@ import pytest
 
 from agent.config import CpuRendererConfig, DefaultAvatarConfig, ValidationConfig
 from agent.framechecks import FrameChecks, mouth_box
-from agent.validation import validate_chunk
+from agent.validation import _clipped_shares, validate_chunk
 from media.avatar import Avatar
 from media.cpu_renderer import CpuRenderer
 from media.default_avatar import ensure_default_avatar
@@ -104,3 +104,11 @@ def test_changes_inside_the_mouth_box_are_allowed(avatar: Avatar) -> None:
     outside = np.array(picture)[None].copy()
     outside[0, :, : x0] = 255 - outside[0, :, : x0]
     assert validate_chunk(outside, 1, sources, [box], CFG).check == "incoherent"
+
+
+def test_clipped_share_counts_exactly_the_values_near_black_and_white() -> None:
+    # 0-3 and 252-255 are clipped, 4-251 are not (the wrap-around trick's edges).
+    values = np.arange(256, dtype=np.uint8)
+    rows = np.stack([values, np.full(256, 4, np.uint8), np.full(256, 251, np.uint8)])
+    shares = _clipped_shares(rows)
+    assert shares.tolist() == [8 / 256, 0.0, 0.0]
