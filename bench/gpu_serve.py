@@ -259,7 +259,7 @@ async def run_config(args: argparse.Namespace, name: str, models_per_gpu: list[L
     started = time.perf_counter()
     server = AgentServer(config, renderer=renderers if len(renderers) > 1 else renderers[0])
     await server.start()
-    await wait_ready(server.port, 300)
+    await wait_ready(server.port, args.ready_timeout)
     run.warm_start_s = time.perf_counter() - started
     if cuda:
         run.alloc_after_warmup_gib = torch.cuda.memory_allocated() / GIB
@@ -425,6 +425,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codec", choices=["h264", "jpeg"], default="h264")
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--max-batch", type=int, default=4)
+    p.add_argument("--ready-timeout", type=float, default=300.0,
+                   help="seconds to wait for /readyz (a cold --compile warm-up takes minutes)")
     p.add_argument("--render-timeout", type=float, default=5.0)
     add_runner_options(p)
     p.add_argument("--gpus", type=int, default=1, help="renderers (engine lanes), one per GPU")

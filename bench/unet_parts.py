@@ -116,6 +116,12 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     # session 11: every resnet's time projection gathered from a table (one kernel)
     "cl+triton+qkv+ttab": ({"channels_last": True, "temporal_attention": "triton",
                             "packed_qkv": True, "timestep_table": True}, False),
+    # session 13: the same with programmatic dependent launch for the generated kernels
+    "cl+triton+qkv+ttab+pdl": ({"channels_last": True, "temporal_attention": "triton",
+                                "packed_qkv": True, "timestep_table": True}, False),
+    # ... and with cudnn.benchmark (convolution algorithms measured at this batch)
+    "cl+triton+qkv+ttab+bench": ({"channels_last": True, "temporal_attention": "triton",
+                                  "packed_qkv": True, "timestep_table": True}, True),
 }
 # Compiled variants whose name ends so also get these Inductor options.
 INDUCTOR_OPTIONS: dict[str, dict[str, Any]] = {
@@ -134,6 +140,9 @@ INDUCTOR_OPTIONS: dict[str, dict[str, Any]] = {
     "combo": {"combo_kernels": True},
     # Fusion decisions measured instead of guessed.
     "bfuse": {"benchmark_fusion": True},
+    # Programmatic dependent launch (Hopper): a generated kernel starts while the one
+    # before it finishes and waits on chip for its inputs (gdc_wait), hiding launch gaps.
+    "pdl": {"triton.enable_pdl": True},
 }
 
 
