@@ -7,7 +7,6 @@ fixtures needed, so it runs on a machine without ../shared).
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from agent.errors import ConfigError
 from media.avatar import Avatar
 from media.default_avatar import ensure_default_avatar
 from media.latentsync import accel
-from media.latentsync import renderer as renderer_module
 from media.latentsync.accel import CompiledPredictor, GraphPredictor, UNetPredictor
 from media.latentsync.aot import AotLoadError, AotPredictor, compile_package, probe_load
 from media.latentsync.audio_features import AudioFeatureExtractor
@@ -161,49 +159,6 @@ def test_the_paste_back_planned_during_the_unet_gives_the_same_frames(avatar: Av
         assert set(mine.stages) == set(theirs.stages) == {
             "audio_features", "face", "inference", "decode", "paste"}
         assert mine.stages["paste"] > 0 and mine.stages["decode"] > 0
-
-
-class _WaitsForPlanning(UNetPredictor):
-    """A UNet runner whose first call waits (at most 20 s) for the paste-back planning to
-    start: with the planning beside the UNet it does at once, after the UNet it cannot."""
-
-    def __init__(self, unet: UNet3DConditionModel, planning: threading.Event) -> None:
-        super().__init__(unet, guided=True)
-        self.planning = planning
-        self.waited: list[bool] = []
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not self.waited:
-            self.waited.append(self.planning.wait(timeout=20))
-        return super().__call__(*args, **kwargs)
-
-
-def test_the_paste_back_is_planned_in_its_own_thread_while_the_unet_runs(
-        avatar: Avatar, monkeypatch: pytest.MonkeyPatch) -> None:
-    models = tiny_models()
-    planning = threading.Event()
-    threads: list[str] = []
-    real_picture = renderer_module.source_picture
-
-    def picture(*args: Any) -> None:
-        threads.append(threading.current_thread().name)
-        planning.set()
-        real_picture(*args)
-
-    monkeypatch.setattr(renderer_module, "source_picture", picture)
-    waiting = _WaitsForPlanning(models.unet, planning)
-    made = renderer(avatar, models, noise_predictor=waiting)
-    try:
-        (beside,) = made.render([chunk(avatar)])
-        assert waiting.waited == [True]  # the planning started while the UNet was called
-        assert set(threads) == {threads[0]} and threads[0].startswith("latentsync-paste-plan")
-        made.overlap = False  # planned after each decode, in the render thread
-        threads.clear()
-        (serial,) = made.render([chunk(avatar)])
-        assert set(threads) == {threading.current_thread().name}
-    finally:
-        made.close()
-    np.testing.assert_array_equal(beside.frames, serial.frames)
 
 
 # --- CUDA ----------------------------------------------------------------------------

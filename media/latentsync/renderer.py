@@ -35,7 +35,6 @@ first chunks that meet a frame encode it.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import itertools
 import os
@@ -284,9 +283,8 @@ class LatentSyncRenderer:
     """
 
     # Host work beside the device's: the paste-back's host part (backgrounds, where the
-    # faces go) runs in its own thread while the UNet runs, every stage is queued without
-    # a wait (stage times from CUDA events) and pasted windows come back through pinned
-    # memory.
+    # faces go) runs while the device denoises, every stage is queued without a wait
+    # (stage times from CUDA events) and pasted windows come back through pinned memory.
     # False: the order before (a wait at every stage's end, the paste planned after its
     # decode); benchmarks set it to measure the difference.
     overlap = True
@@ -336,10 +334,6 @@ class LatentSyncRenderer:
         self._seed = config.seed
         self._graphs = config.cuda_graphs and models.device.type == "cuda"
         self._lock = threading.Lock()
-        # The paste-back's host work during the UNet (`overlap`): its own thread, started
-        # at the first render.
-        self._planner = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="latentsync-paste-plan")
         self._caps = RendererCapabilities(
             name="latentsync",
             chunk_frames=CHUNK_FRAMES,
@@ -445,7 +439,6 @@ class LatentSyncRenderer:
         """Drop the face caches and this renderer's references to the models (freeing them
         when it loaded them itself), then return cached GPU memory."""
         with self._lock:
-            self._planner.shutdown(wait=False)
             loaded, self._loaded = self._loaded, None
             if loaded is None:
                 return
@@ -517,6 +510,8 @@ class LatentSyncRenderer:
         denoiser = core.denoiser
         if core.turn_start is not None and any(p.chunk.first_frame == 0 for p in plans):
             denoiser = core.turn_start
+        latents = denoiser.denoise(core.masks.latent, masked, reference, audio)
+        clock.mark("inference")
         counts = [len(p.chunk.frames) for p in plans]
         # Decode stages: per chunk, its (start, end) frame ranges, each pasted (and for a
         # streaming chunk handed over) as a piece. A streaming chunk (a turn's first) has
@@ -532,9 +527,8 @@ class LatentSyncRenderer:
                 stages[min(i, LEAD_PIECES) if streams[b] else -1].append(_Piece(b, a, e, handed))
         r = self.resolution
 
-        def plan_pieces(pieces: list[_Piece]) -> float:
-            """The host's paste-back work before the faces: backgrounds, where faces go.
-            Returns its seconds."""
+        def plan_pieces(pieces: list[_Piece]) -> None:
+            """The host's paste-back work before the faces: backgrounds, where faces go."""
             start = time.perf_counter()
             for piece in pieces:
                 plan, face = plans[piece.chunk], inputs[piece.chunk]
@@ -544,11 +538,7 @@ class LatentSyncRenderer:
                     source_picture(plan.avatar, spec, out)
                 piece.plan = plan_paste(frames, face.crop_affines[piece.start : piece.end],
                                         face.has_face[piece.start : piece.end], r, device)
-            return time.perf_counter() - start
-
-        def plan_aside(pieces: list[_Piece]) -> float:
-            with device_scope(device), torch.inference_mode():
-                return plan_pieces(pieces)
+            clock.add_host("paste", time.perf_counter() - start)
 
         def hand_over(piece: _Piece) -> None:
             """Wait for the piece's pasted windows, write them into its frames, hand over."""
@@ -562,22 +552,11 @@ class LatentSyncRenderer:
             if on_frames is not None and piece.handed:
                 on_frames(piece.chunk, outputs[piece.chunk][: piece.end])
 
-        # The host plans every piece while the UNet runs, in the planner's thread: on CUDA,
-        # launching the UNet's graphs blocks this thread once the device's queue is full
-        # (in the server on an H100, for most of an exact loop), so planned here it would
-        # wait for the UNet; on the CPU it runs beside the UNet's kernels.
-        ahead = self.overlap
-        planning = (self._planner.submit(plan_aside, [p for stage in stages for p in stage])
-                    if ahead else None)
-        try:
-            latents = denoiser.denoise(core.masks.latent, masked, reference, audio)
-        except BaseException:
-            if planning is not None:  # nothing may still write into the outputs
-                concurrent.futures.wait([planning])
-            raise
-        clock.mark("inference")
-        if planning is not None:
-            clock.add_host("paste", planning.result())
+        # With a device to overlap, the host plans every piece while the device denoises
+        # (the host is ahead of it: nothing above waited for the UNet).
+        ahead = self.overlap and device.type == "cuda"
+        if ahead:
+            plan_pieces([piece for stage in stages for piece in stage])
             clock.mark("paste")
         queued: list[_Piece] = []
         for stage in stages:
@@ -589,7 +568,7 @@ class LatentSyncRenderer:
             pictures = core.denoiser.decode(real)  # (frames, 3, r, r) in [-1, 1]
             clock.mark("decode")
             if not ahead:
-                clock.add_host("paste", plan_pieces(stage))
+                plan_pieces(stage)
             first = 0
             for piece in stage:
                 size = piece.end - piece.start
