@@ -77,7 +77,7 @@ def validate_chunk(
     view = _samples(frames, stride)  # (F, H/s, W/s, 3)
     src_view = _samples(sources, stride)
     rows, src_rows = view.reshape(len(view), -1), src_view.reshape(len(src_view), -1)
-    # float32 sums are exact enough for 8-bit values, and twice as fast as float64.
+    # float32 sums are exact enough for 8-bit values, and faster than float64.
     floor_std = float(src_rows.std(axis=1, dtype=np.float32).min())
     stds = rows.std(axis=1, dtype=np.float32)
     limit = min(config.blank_std, floor_std / 2)

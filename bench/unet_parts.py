@@ -66,6 +66,10 @@ from media.latentsync.verify import relative_error  # noqa: E402
 
 PART_TYPES = (ResnetBlock3D, SpatialTransformer, MotionModule)
 # Variant name -> set_kernels arguments and cudnn.benchmark.
+# The renderer's compiled kernels (session 11 on): channels-last, the Triton frames'
+# attention, packed q/k/v projections, the timestep table.
+SERVER_KERNELS: dict[str, Any] = {"channels_last": True, "temporal_attention": "triton",
+                                  "packed_qkv": True, "timestep_table": True}
 VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "default": ({"channels_last": False, "temporal_attention": "sdpa", "pointwise_linear": False,
                  "packed_qkv": False, "padded_convs": False, "fused_geglu": False,
@@ -114,14 +118,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
     "cl+triton+qkv+bfuse": ({"channels_last": True, "temporal_attention": "triton",
                              "packed_qkv": True}, False),
     # session 11: every resnet's time projection gathered from a table (one kernel)
-    "cl+triton+qkv+ttab": ({"channels_last": True, "temporal_attention": "triton",
-                            "packed_qkv": True, "timestep_table": True}, False),
+    "cl+triton+qkv+ttab": (SERVER_KERNELS, False),
     # session 13: the same with programmatic dependent launch for the generated kernels
-    "cl+triton+qkv+ttab+pdl": ({"channels_last": True, "temporal_attention": "triton",
-                                "packed_qkv": True, "timestep_table": True}, False),
-    # ... and with cudnn.benchmark (convolution algorithms measured at this batch)
-    "cl+triton+qkv+ttab+bench": ({"channels_last": True, "temporal_attention": "triton",
-                                  "packed_qkv": True, "timestep_table": True}, True),
+    # (INDUCTOR_OPTIONS), and with cudnn.benchmark (convolutions measured at this batch)
+    "cl+triton+qkv+ttab+pdl": (SERVER_KERNELS, False),
+    "cl+triton+qkv+ttab+bench": (SERVER_KERNELS, True),
 }
 # Compiled variants whose name ends so also get these Inductor options.
 INDUCTOR_OPTIONS: dict[str, dict[str, Any]] = {

@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.config import DefaultAvatarConfig, ValidationConfig
-from agent.framechecks import FrameChecks, _geometry, mouth_box
+from agent.framechecks import FrameChecks, mouth_box
 from agent.validation import OK, Box, Verdict, validate_chunk
 from bench.machine import describe
 from media.default_avatar import ensure_default_avatar
@@ -99,7 +99,8 @@ def main() -> None:
     frames = np.stack([compose(avatar, s) for s in specs])  # a render that matches its sources
     picks = [0, n - 1]
     sources = np.stack([compose(avatar, specs[i]) for i in picks])
-    boxes = [mouth_box(_geometry(avatar, specs[i]), avatar.width, avatar.height) for i in picks]
+    boxes = [mouth_box(avatar.source.geometry(specs[i].source), avatar.width, avatar.height)
+             for i in picks]  # no blends: each frame's own geometry
     checks = FrameChecks({avatar.id: avatar}.__getitem__, config)
 
     # The same verdicts, on the clean chunk and on each kind of garbage.
