@@ -26,6 +26,15 @@ def _serve(args: argparse.Namespace) -> int:
     return run_server(serve_config(args, os.environ))
 
 
+def _warm_up(args: argparse.Namespace) -> int:
+    from agent.config import load_config
+    from agent.server import warm_up
+
+    overrides = {path: getattr(args, flag) for flag, path in _SERVE_OVERRIDES.items()
+                 if getattr(args, flag, None) is not None}
+    return warm_up(load_config(args.config).with_overrides(overrides))
+
+
 # `serve` flags that set one config field each: argparse dest -> dotted config path.
 _SERVE_OVERRIDES = {
     "host": "server.host",
@@ -200,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-sessions-per-token", type=int, metavar="N",
                    help="sessions one API token may hold at once (default: no cap)")
     s.set_defaults(func=_serve)
+
+    w = verbs.add_parser("warm-up", help="load, compile and warm up as serve does, then exit"
+                         " (builds the caches a read-only deployment loads)")
+    w.add_argument("--config", type=Path, help="YAML config file (the one serve will use)")
+    w.add_argument("--renderer", choices=["auto", "cpu", "latentsync"],
+                   help="auto: latentsync with checkpoints and CUDA, else cpu")
+    w.add_argument("--avatar-dir", type=Path, help="avatar cache folder")
+    w.add_argument("--log-format", choices=["json", "console"], help="log line format")
+    w.set_defaults(func=_warm_up)
 
     m = verbs.add_parser("mint-ticket", help="print a short-lived session ticket for a browser")
     m.add_argument("--sub", required=True, help="who the ticket is for (your user id)")

@@ -690,6 +690,36 @@ def tune_process() -> None:
     cv2.setNumThreads(1)
 
 
+def warm_up(config: AgentConfig) -> int:
+    """`python -m agent warm-up`: what a server start does before `/readyz` turns 200
+    (models loaded, UNet compiled or its ahead-of-time artifacts built and stored, graphs
+    captured, avatars prepared), then stop. On a loopback port picked by the system.
+    Operators run it once where the caches are writable (docs/deploy.md), so that pods
+    that mount them read-only start warm. 0 when ready; 1, saying why, when not."""
+    from agent.logs import configure_logging
+
+    configure_logging(config.logging)
+    tune_process()
+    config = config.with_overrides({"server.host": "127.0.0.1", "server.port": 0})
+
+    async def run() -> int:
+        started = time.perf_counter()
+        server = AgentServer(config)
+        try:
+            await server.start()
+            await server.wait_ready()
+        except Exception as exc:  # the reason, not a traceback (warmup_failed logs that)
+            print(f"avatar agent: warm-up failed: {exc}", file=sys.stderr, flush=True)
+            return 1
+        finally:
+            await server.close()
+        print(f"avatar agent: warmed up in {time.perf_counter() - started:.1f} s"
+              f" (renderer {server.renderer.capabilities.name})", flush=True)
+        return 0
+
+    return asyncio.run(run())
+
+
 def run_server(config: AgentConfig, **kwargs: Any) -> int:
     """Run until SIGTERM (exit 0 after the drain) or the leak guard (its exit code)."""
     from agent.logs import configure_logging

@@ -16,6 +16,7 @@ import torch
 from media.latentsync import aot as aot_module
 from media.latentsync.accel import COMPILED_KERNELS, UNetPredictor, denoise, make_scheduler
 from media.latentsync.aot import (
+    AotError,
     AotForward,
     AotKey,
     AotLoadError,
@@ -23,6 +24,7 @@ from media.latentsync.aot import (
     AotPredictor,
     example_inputs,
     export_forward,
+    load_or_compile,
     probe_load,
 )
 from media.latentsync.config import UNetConfig
@@ -284,3 +286,20 @@ def test_aot_artifact_compiles_once_then_loads_and_runs_any_checkpoint(
             (2, *ROW), (2 * F, *AUDIO_ROW)
         )
     unet.set_kernels(channels_last=False, temporal_attention="sdpa")  # the module fixture
+
+
+def test_a_missing_artifact_in_a_cache_it_cannot_write_fails_at_once_naming_the_way_out(
+        unet: UNet3DConditionModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cache under a plain file cannot be made (as one on a read-only volume cannot be
+    # written): the error comes before any export, and says how to build the artifact.
+    blocker = tmp_path / "weights-volume"
+    blocker.write_text("not a folder")
+    exported: list[str] = []
+    monkeypatch.setattr(aot_module, "export_forward",
+                        lambda *args, **kwargs: exported.append("export"))
+    with pytest.raises(AotError, match=r"python -m agent warm-up.*aot off") as caught:
+        load_or_compile(unet, "exact", ROW, AUDIO_ROW, 8, blocker / "aot")
+    assert str(blocker / "aot") in str(caught.value) and exported == []
+    # A writable cache passes the check (and leaves no probe file behind).
+    aot_module._check_writable(tmp_path / "aot" / "artifact.pt2")
+    assert list((tmp_path / "aot").iterdir()) == []

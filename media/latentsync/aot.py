@@ -35,6 +35,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -293,6 +294,7 @@ def load_or_compile(
         else:
             compiled_now = not path.is_file()
             if compiled_now:
+                _check_writable(path)  # before minutes of exporting and compiling
                 program = export_forward(unet, kind, row_shape, audio_row_shape, max_rows, guided)
                 _store_package(program, path)
                 stage("compile")
@@ -391,6 +393,22 @@ def compile_package(program: torch.export.ExportedProgram, path: Path,
     settings = {**(configs or {}), "cpp.cxx": (None, aoti_compiler())}
     torch._inductor.aoti_compile_and_package(program, package_path=str(path),
                                              inductor_configs=settings)
+
+
+def _check_writable(path: Path) -> None:
+    """Raise AotError, naming the way out, when the artifact `path` cannot be stored (a
+    read-only cache, say one on the weights volume that an operator fills)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".writable"):
+            pass
+    except OSError as exc:
+        raise AotError(
+            f"{path} is not built yet and cannot be stored ({exc.strerror or exc}): build it"
+            " once where renderer.latentsync.aot_cache_dir is writable (`python -m agent"
+            " warm-up` with the same config, on the same GPU type), or turn"
+            " renderer.latentsync.aot off"
+        ) from None
 
 
 def _store_package(program: torch.export.ExportedProgram, path: Path) -> None:
