@@ -76,6 +76,9 @@ def add_runner_options(p: argparse.ArgumentParser) -> None:
                    " changes with their reasons)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet under the graphs (renderer.latentsync.compile)")
+    p.add_argument("--plan-between-steps", action="store_true",
+                   help="LatentSyncRenderer.plan_between_steps: the paste-back's host planning"
+                   " a piece at a time between the UNet's steps")
     p.add_argument("--aot", type=Path, metavar="DIR",
                    help="ahead-of-time artifacts in DIR (renderer.latentsync.aot): the first"
                    " run compiles and stores them, a second run shows the warm start")
@@ -88,6 +91,11 @@ def runner_settings(args: argparse.Namespace) -> dict[str, Any]:
     aot = {"aot": True, "aot_cache_dir": args.aot} if args.aot else {}
     return {"cuda_graphs": not args.no_graphs, "compile": args.compile,
             "turn_start_deepcache_interval": args.turn_start_deepcache, **aot}
+
+
+def renderer_switches(args: argparse.Namespace) -> dict[str, Any]:
+    """The renderer's switches that are not config fields (reported with the settings)."""
+    return {"plan_between_steps": args.plan_between_steps}
 
 
 def log(msg: str) -> None:
@@ -246,13 +254,15 @@ async def drive(url: str, args: argparse.Namespace, users: int, speaking: int) -
 async def run_config(args: argparse.Namespace, name: str, models_per_gpu: list[LatentSyncModels],
                      cache: Path, deadline: float) -> ConfigRun:
     settings = {**SAMPLERS[name], **runner_settings(args)}
-    run = ConfigRun(name, settings)
+    run = ConfigRun(name, {**settings, **renderer_switches(args)})
     config = server_config(args, cache, settings)
     cuda = models_per_gpu[0].device.type == "cuda"
     avatars = AvatarRegistry(config.avatars)
     # One renderer (engine lane) per GPU, as build_renderer makes them.
     renderers = [TimedRenderer(avatars.get, config.renderer.latentsync, models=m,
                                resolution=args.resolution) for m in models_per_gpu]
+    for renderer in renderers:  # a renderer switch, not a config field (unmeasured yet)
+        renderer.plan_between_steps = args.plan_between_steps
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -403,6 +413,7 @@ def describe_settings(s: dict[str, Any]) -> str:
     graphs = ", CUDA graphs" if s["cuda_graphs"] else ""
     graphs += " + torch.compile" if s.get("compile") else ""
     graphs += " + AOTInductor" if s.get("aot") else ""
+    graphs += ", paste planned between steps" if s.get("plan_between_steps") else ""
     start = s.get("turn_start_deepcache_interval", 1)
     graphs += f", turn starts DeepCache {start}" if start > 1 else ""
     return f"{s['sampler']} {s['inference_steps']} steps{cache}{graphs}"

@@ -21,6 +21,7 @@ from agent.errors import ConfigError
 from media.avatar import Avatar
 from media.default_avatar import ensure_default_avatar
 from media.latentsync import accel
+from media.latentsync import renderer as renderer_module
 from media.latentsync.accel import CompiledPredictor, GraphPredictor, UNetPredictor
 from media.latentsync.aot import AotLoadError, AotPredictor, compile_package, probe_load
 from media.latentsync.audio_features import AudioFeatureExtractor
@@ -159,6 +160,54 @@ def test_the_paste_back_planned_during_the_unet_gives_the_same_frames(avatar: Av
         assert set(mine.stages) == set(theirs.stages) == {
             "audio_features", "face", "inference", "decode", "paste"}
         assert mine.stages["paste"] > 0 and mine.stages["decode"] > 0
+
+
+class _Recording(UNetPredictor):
+    """Logs each UNet call in `events` (beside the backgrounds the test logs there)."""
+
+    def __init__(self, unet: UNet3DConditionModel, events: list[str]) -> None:
+        super().__init__(unet, guided=True)
+        self.events = events
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.events.append("step")
+        return super().__call__(*args, **kwargs)
+
+
+def test_paste_back_planned_between_the_steps_gives_the_same_frames(
+        avatar: Avatar, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `plan_between_steps`: a frame's background (or a piece's paste plan) after each
+    # step is queued, the rest after the loop; the frames are those of the other orders.
+    events: list[str] = []
+    real_picture = renderer_module.source_picture
+
+    def picture(*args: Any) -> None:
+        events.append("background")
+        real_picture(*args)
+
+    monkeypatch.setattr(renderer_module, "source_picture", picture)
+    made = renderer(avatar, models := tiny_models(), inference_steps=4,
+                    noise_predictor=_Recording(models.unet, events))
+    batch = [chunk(avatar), chunk(avatar, 7, index=1)]
+    try:
+        made.plan_between_steps = True
+        handed: list[tuple[int, int]] = []
+        stepwise = made.render_streaming(batch, lambda i, f: handed.append((i, len(f))))
+        order = list(events)
+        made.plan_between_steps = False
+        events.clear()
+        after = made.render_streaming(batch, lambda i, f: None)
+        assert events == ["step"] * 4 + ["background"] * 23  # CPU: each after its decode
+    finally:
+        made.close()
+    # After each of the 4 steps one unit of planning, in hand-over order: chunk 0's frame
+    # 0 (its background, then its paste plan), then chunk 1's; the other 21 backgrounds
+    # come after the loop.
+    assert order == ["step", "background", "step", "step", "background", "step"] + [
+        "background"] * 21
+    assert handed == [(0, 1), (1, 1), (0, 4), (1, 4), (0, 8), (0, 12)]
+    for mine, theirs in zip(stepwise, after, strict=True):
+        np.testing.assert_array_equal(mine.frames, theirs.frames)
 
 
 # --- CUDA ----------------------------------------------------------------------------

@@ -236,11 +236,14 @@ class ChunkDenoiser:
         return self._noise[key]
 
     def denoise(self, mask: torch.Tensor, masked: torch.Tensor, reference: torch.Tensor,
-                audio: torch.Tensor) -> torch.Tensor:
+                audio: torch.Tensor, *,
+                between_steps: Callable[[], object] | None = None) -> torch.Tensor:
         """Denoised latents (B, C, F, h, w).
 
         mask (h, w); masked, reference (B, C, F, h, w) scaled latents; audio
-        (B*F, S, C) batch-major. Call under `torch.inference_mode()`.
+        (B*F, S, C) batch-major. `between_steps`: called after each step is queued (host
+        work done while the device runs the steps before it). Call under
+        `torch.inference_mode()`.
         """
         b, c, f, h, w = masked.shape
         dtype = self.models.dtype
@@ -264,6 +267,8 @@ class ChunkDenoiser:
                 uncond, speech = noise.chunk(2)
                 noise = uncond + self.guidance_scale * (speech - uncond)
             latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+            if between_steps is not None:
+                between_steps()
         return latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

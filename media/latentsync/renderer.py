@@ -288,6 +288,12 @@ class LatentSyncRenderer:
     # False: the order before (a wait at every stage's end, the paste planned after its
     # decode); benchmarks set it to measure the difference.
     overlap = True
+    # With `overlap`: the paste-back's host planning done a piece at a time between the
+    # UNet's steps, instead of after the loop is queued. In the server on an H100 the
+    # thread waits inside the exact loop's graph launches for most of the UNet, so
+    # planned after the loop it runs after the UNet (bench/results/gpu_serve_h100.md,
+    # session 13). Off until measured on a GPU: benchmarks set it.
+    plan_between_steps = False
 
     def __init__(
         self,
@@ -510,8 +516,6 @@ class LatentSyncRenderer:
         denoiser = core.denoiser
         if core.turn_start is not None and any(p.chunk.first_frame == 0 for p in plans):
             denoiser = core.turn_start
-        latents = denoiser.denoise(core.masks.latent, masked, reference, audio)
-        clock.mark("inference")
         counts = [len(p.chunk.frames) for p in plans]
         # Decode stages: per chunk, its (start, end) frame ranges, each pasted (and for a
         # streaming chunk handed over) as a piece. A streaming chunk (a turn's first) has
@@ -527,17 +531,25 @@ class LatentSyncRenderer:
                 stages[min(i, LEAD_PIECES) if streams[b] else -1].append(_Piece(b, a, e, handed))
         r = self.resolution
 
-        def plan_pieces(pieces: list[_Piece]) -> None:
-            """The host's paste-back work before the faces: backgrounds, where faces go."""
-            start = time.perf_counter()
+        def planning(pieces: list[_Piece]) -> Iterator[None]:
+            """The host's paste-back work before the faces (backgrounds, where faces go),
+            a frame's background or a piece's paste plan at a time."""
             for piece in pieces:
                 plan, face = plans[piece.chunk], inputs[piece.chunk]
                 frames = outputs[piece.chunk][piece.start : piece.end]
                 for out, spec in zip(frames, plan.chunk.frames[piece.start : piece.end],
                                      strict=True):
                     source_picture(plan.avatar, spec, out)
+                    yield
                 piece.plan = plan_paste(frames, face.crop_affines[piece.start : piece.end],
                                         face.has_face[piece.start : piece.end], r, device)
+                yield
+
+        def plan_pieces(pieces: list[_Piece] | Iterator[None]) -> None:
+            """All of `planning(pieces)`, or what is left of a planning under way."""
+            start = time.perf_counter()
+            for _ in planning(pieces) if isinstance(pieces, list) else pieces:
+                pass
             clock.add_host("paste", time.perf_counter() - start)
 
         def hand_over(piece: _Piece) -> None:
@@ -553,10 +565,25 @@ class LatentSyncRenderer:
                 on_frames(piece.chunk, outputs[piece.chunk][: piece.end])
 
         # With a device to overlap, the host plans every piece while the device denoises
-        # (the host is ahead of it: nothing above waited for the UNet).
-        ahead = self.overlap and device.type == "cuda"
+        # (the host is ahead of it: nothing above waited for the UNet): once the loop is
+        # queued, or with `plan_between_steps` (on any device) a frame or a piece after
+        # each step is queued, and the rest after the loop.
+        between = self.overlap and self.plan_between_steps
+        ahead = self.overlap and (device.type == "cuda" or between)
+        pieces = [piece for stage in stages for piece in stage]
+        stepwise = planning(pieces) if between else None
+
+        def plan_a_little() -> None:
+            assert stepwise is not None
+            start = time.perf_counter()
+            next(stepwise, None)
+            clock.add_host("paste", time.perf_counter() - start)
+
+        latents = denoiser.denoise(core.masks.latent, masked, reference, audio,
+                                   between_steps=plan_a_little if between else None)
+        clock.mark("inference")
         if ahead:
-            plan_pieces([piece for stage in stages for piece in stage])
+            plan_pieces(stepwise if stepwise is not None else pieces)
             clock.mark("paste")
         queued: list[_Piece] = []
         for stage in stages:
