@@ -30,9 +30,7 @@ def _warm_up(args: argparse.Namespace) -> int:
     from agent.config import load_config
     from agent.server import warm_up
 
-    overrides = {path: getattr(args, flag) for flag, path in _SERVE_OVERRIDES.items()
-                 if getattr(args, flag, None) is not None}
-    return warm_up(load_config(args.config).with_overrides(overrides))
+    return warm_up(load_config(args.config).with_overrides(_flag_overrides(args)))
 
 
 # `serve` flags that set one config field each: argparse dest -> dotted config path.
@@ -57,13 +55,15 @@ def serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentC
     from agent.config import load_config
 
     config = load_config(args.config)
-    overrides: dict[str, object] = {
-        path: getattr(args, flag)
-        for flag, path in _SERVE_OVERRIDES.items()
-        if getattr(args, flag) is not None
-    }
+    overrides = _flag_overrides(args)
     overrides.update(_security_overrides(args, environ, config))
     return config.with_overrides(overrides)
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The config fields set by the `_SERVE_OVERRIDES` flags given (a verb may have some)."""
+    return {path: getattr(args, flag) for flag, path in _SERVE_OVERRIDES.items()
+            if getattr(args, flag, None) is not None}
 
 
 def _security_overrides(args: argparse.Namespace, environ: Mapping[str, str],
