@@ -545,10 +545,10 @@ class LatentSyncRenderer:
                                         face.has_face[piece.start : piece.end], r, device)
                 yield
 
-        def plan_pieces(pieces: list[_Piece] | Iterator[None]) -> None:
-            """All of `planning(pieces)`, or what is left of a planning under way."""
+        def plan_all(work: Iterator[None]) -> None:
+            """The rest of a `planning`, timed."""
             start = time.perf_counter()
-            for _ in planning(pieces) if isinstance(pieces, list) else pieces:
+            for _ in work:
                 pass
             clock.add_host("paste", time.perf_counter() - start)
 
@@ -570,20 +570,18 @@ class LatentSyncRenderer:
         # each step is queued, and the rest after the loop.
         between = self.overlap and self.plan_between_steps
         ahead = self.overlap and (device.type == "cuda" or between)
-        pieces = [piece for stage in stages for piece in stage]
-        stepwise = planning(pieces) if between else None
+        work = planning([piece for stage in stages for piece in stage])
 
         def plan_a_little() -> None:
-            assert stepwise is not None
             start = time.perf_counter()
-            next(stepwise, None)
+            next(work, None)
             clock.add_host("paste", time.perf_counter() - start)
 
         latents = denoiser.denoise(core.masks.latent, masked, reference, audio,
                                    between_steps=plan_a_little if between else None)
         clock.mark("inference")
         if ahead:
-            plan_pieces(stepwise if stepwise is not None else pieces)
+            plan_all(work)
             clock.mark("paste")
         queued: list[_Piece] = []
         for stage in stages:
@@ -595,7 +593,7 @@ class LatentSyncRenderer:
             pictures = core.denoiser.decode(real)  # (frames, 3, r, r) in [-1, 1]
             clock.mark("decode")
             if not ahead:
-                plan_pieces(stage)
+                plan_all(planning(stage))
             first = 0
             for piece in stage:
                 size = piece.end - piece.start
